@@ -1,0 +1,65 @@
+"""The Celery application: `celery -A worker.celery_app worker|beat`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from worker import logs
+from worker.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("webhooks", include=["worker.tasks.webhook_delivery"])
+_transport = {"visibility_timeout": settings.visibility_timeout}
+app.conf.update(
+    broker_url=settings.broker_url,
+    result_backend=settings.result_backend,
+    task_ignore_result=settings.result_backend is None,
+    # Above the hard time limit, so no running task is handed to a second worker.
+    broker_transport_options=_transport,
+    result_backend_transport_options=_transport,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    task_time_limit=settings.task_time_limit,
+    task_soft_time_limit=settings.task_soft_time_limit,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_max_tasks_per_child=settings.max_tasks_per_child,
+    worker_concurrency=settings.concurrency,
+    # Gathering needs many unacked messages in hand: prefetch must exceed the gather size.
+    worker_prefetch_multiplier=max(settings.prefetch_multiplier, settings.gather_size + 1),
+    worker_hijack_root_logger=False,
+    worker_soft_shutdown_timeout=settings.shutdown_grace,
+    beat_schedule={
+        "webhooks-retry-sweep": {
+            "task": "webhooks.retry_failed_deliveries",
+            "schedule": settings.sweep_interval,
+            "options": {"expires": max(settings.sweep_interval, 1.0)},
+        },
+        "webhooks-cleanup": {
+            "task": "webhooks.cleanup_old_deliveries",
+            "schedule": 86400.0,
+            "options": {"expires": 3600.0},
+        },
+    },
+)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    logs.configure(settings.log_level, journal=settings.journal_stream is not None)
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _stop_engine(**_: Any) -> None:
+    # Best effort: leases bring back whatever a hard exit leaves in flight.
+    from worker.delivery.runtime import stop_runtime
+
+    stop_runtime()

@@ -1,0 +1,1 @@
+"""Records: endpoints, deliveries, attempts (SQLAlchemy Core, async)."""

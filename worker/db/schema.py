@@ -1,0 +1,100 @@
+"""The tables. Core, not ORM: every write is a bulk statement."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import DateTime, TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every dialect."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite compares the stored text: keep one naive UTC spelling there.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+endpoints = Table(
+    "endpoints",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("secrets", JSON, nullable=False),  # list of whsec_ strings, newest first
+    Column("event_types", JSON, nullable=False),  # empty list: every type
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("disabled_reason", Text),
+    Column("description", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# endpoint_id is not a foreign key: rejected events name endpoints that do not exist,
+# and delivery history outlives a deleted endpoint.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("endpoint_id", String(128), nullable=False),
+    Column("event_type", String(255)),
+    Column("idempotency_key", String(255)),
+    Column("payload", LargeBinary),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    Column("locked_until", UTCDateTime),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_deliveries_created_at", "created_at"),
+    Index("ix_deliveries_endpoint", "endpoint_id", "created_at"),
+    Index("uq_deliveries_idempotency", "endpoint_id", "idempotency_key", unique=True),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), nullable=False, index=True),
+    Column("attempt_number", Integer, nullable=False),
+    Column("attempted_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("status_code", Integer),
+    Column("outcome", String(16), nullable=False),
+    Column("error_kind", String(32)),
+    Column("error", Text),
+    Column("response_excerpt", Text),
+)

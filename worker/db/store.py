@@ -1,0 +1,350 @@
+"""Every database read and write the worker makes, each one statement or one batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.db.schema import attempts, deliveries, endpoints
+from worker.delivery.models import (
+    AttemptRecord,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    OutcomeKind,
+    Rejection,
+)
+from worker.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _endpoint(row: Any) -> Endpoint:
+    return Endpoint(
+        id=row.id,
+        url=row.url,
+        secrets=tuple(row.secrets),
+        event_types=tuple(row.event_types or ()),
+        enabled=bool(row.enabled),
+        disabled_reason=row.disabled_reason,
+        description=row.description,
+        created_at=row.created_at,
+    )
+
+
+class Store:
+    """The records of one process, over one AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        now = utcnow()
+        row = {
+            "id": endpoint.id,
+            "url": endpoint.url,
+            "secrets": list(endpoint.secrets),
+            "event_types": list(endpoint.event_types),
+            "enabled": endpoint.enabled,
+            "disabled_reason": endpoint.disabled_reason,
+            "description": endpoint.description,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(endpoints), [row])
+        except IntegrityError as exc:
+            raise InvalidEndpoint(f"an endpoint with id {endpoint.id!r} exists already") from exc
+        return await self.get_endpoint(endpoint.id)
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
+        found = await self.endpoints_by_id([endpoint_id])
+        if endpoint_id not in found:
+            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
+        return found[endpoint_id]
+
+    async def endpoints_by_id(self, ids: Iterable[str]) -> dict[str, Endpoint]:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(endpoints).where(endpoints.c.id.in_(wanted)))
+            return {row.id: _endpoint(row) for row in rows}
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(endpoints).order_by(endpoints.c.created_at))
+            return [_endpoint(row) for row in rows]
+
+    async def subscribed_endpoints(self, event_type: str) -> list[Endpoint]:
+        """Enabled endpoints that take `event_type` (filtered here: JSON lists differ by dialect)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
+            return [ep for ep in map(_endpoint, rows) if ep.subscribes_to(event_type)]
+
+    async def set_endpoint_enabled(
+        self, endpoint_id: str, enabled: bool, reason: str | None = None
+    ) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id == endpoint_id)
+                .values(enabled=enabled, disabled_reason=None if enabled else reason,
+                        updated_at=utcnow())
+            )
+        if result.rowcount == 0:
+            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
+
+    async def rotate_secret(self, endpoint_id: str, new_secret: str, keep_previous: bool) -> None:
+        current = await self.get_endpoint(endpoint_id)
+        secrets = [new_secret, *current.secrets[:1]] if keep_previous else [new_secret]
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id == endpoint_id)
+                .values(secrets=secrets, updated_at=utcnow())
+            )
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def _insert_ignoring_duplicates(self) -> Any:
+        if self._dialect == "postgresql":
+            return postgresql.insert(deliveries).on_conflict_do_nothing()
+        if self._dialect == "sqlite":
+            return sqlite.insert(deliveries).on_conflict_do_nothing()
+        raise StoreUnavailable(f"idempotency keys need PostgreSQL or SQLite, not {self._dialect}")
+
+    async def insert_intake(
+        self,
+        rows: Sequence[dict[str, Any]],
+        rejections: Sequence[tuple[str, Rejection]],
+        *,
+        lease_until: datetime,
+        idempotency_cutoff: datetime,
+    ) -> set[str]:
+        """Commit new pending deliveries (leased to the caller) and rejections, in one transaction.
+
+        Returns the ids actually inserted. A row is left out when its id exists already (the
+        broker redelivered its message) or its (endpoint, idempotency key) was used inside the
+        idempotency window.
+        """
+        now = utcnow()
+        base = {"status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
+                "locked_until": lease_until, "created_at": now, "updated_at": now,
+                "last_status_code": None, "last_error": None}
+        fresh = [{**base, **row} for row in rows]
+        fresh += [
+            {**base, "id": row_id, "endpoint_id": r.webhook_id[:128], "event_type": r.event_type,
+             "idempotency_key": None, "payload": r.payload,
+             "status": DeliveryStatus.REJECTED.value, "next_attempt_at": None,
+             "locked_until": None, "last_error": f"{r.code}: {r.message}"}
+            for row_id, r in rejections
+        ]
+        if not fresh:
+            return set()
+        keys = sorted({row["idempotency_key"] for row in rows if row["idempotency_key"]})
+        try:
+            async with self.engine.begin() as conn:
+                if keys:
+                    # A key older than the window no longer blocks: release it first.
+                    await conn.execute(
+                        update(deliveries)
+                        .where(deliveries.c.idempotency_key.in_(keys),
+                               deliveries.c.created_at < idempotency_cutoff)
+                        .values(idempotency_key=None)
+                    )
+                stmt = self._insert_ignoring_duplicates().returning(deliveries.c.id)
+                result = await conn.execute(stmt, fresh)
+                return {row_id for (row_id,) in result}
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(f"could not commit {len(fresh)} deliveries: {exc}") from exc
+
+    # -- claiming due work -----------------------------------------------------------------
+
+    async def claim_due(self, limit: int, lease_seconds: float) -> tuple[list[Delivery], int]:
+        """Lease up to `limit` due pending deliveries; returns them and how many were failed
+        on the spot because their endpoint is gone or disabled."""
+        now = utcnow()
+        lease_until = now + timedelta(seconds=lease_seconds)
+        due = (
+            select(deliveries.c.id)
+            .where(
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+                deliveries.c.next_attempt_at <= now,
+                or_(deliveries.c.locked_until.is_(None), deliveries.c.locked_until < now),
+            )
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(deliveries)
+            .where(deliveries.c.id.in_(due.scalar_subquery()))
+            .values(locked_until=lease_until)
+            .returning(
+                deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.payload,
+                deliveries.c.attempts, deliveries.c.event_type,
+            )
+        )
+        async with self.engine.begin() as conn:
+            claimed = list(await conn.execute(claim))
+        if not claimed:
+            return [], 0
+        eps = await self.endpoints_by_id(row.endpoint_id for row in claimed)
+        ready: list[Delivery] = []
+        dead: list[tuple[str, str]] = []
+        for row in claimed:
+            ep = eps.get(row.endpoint_id)
+            if ep is None:
+                dead.append((row.id, f"endpoint {row.endpoint_id!r} no longer exists"))
+            elif not ep.enabled:
+                dead.append((row.id, f"endpoint disabled: {ep.disabled_reason or 'by operator'}"))
+            else:
+                ready.append(
+                    Delivery(
+                        id=row.id, endpoint_id=ep.id, url=ep.url, secrets=ep.secrets,
+                        payload=row.payload, attempts=row.attempts, event_type=row.event_type,
+                        lease_until=lease_until.timestamp(),
+                    )
+                )
+        if dead:
+            await self._fail_unattemptable(dead)
+        return ready, len(dead)
+
+    async def _fail_unattemptable(self, dead: list[tuple[str, str]]) -> None:
+        stmt = (
+            update(deliveries)
+            .where(deliveries.c.id == bindparam("b_id"))
+            .values(status=DeliveryStatus.FAILED.value, locked_until=None, next_attempt_at=None,
+                    last_error=bindparam("b_error"), updated_at=utcnow())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt, [{"b_id": i, "b_error": e} for i, e in dead])
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Write attempts and the deliveries' new state in one transaction."""
+        if not records:
+            return
+        now = utcnow()
+        attempt_rows = [
+            {
+                "delivery_id": r.delivery.id,
+                "attempt_number": r.attempt_number,
+                "attempted_at": r.attempted_at,
+                "duration_ms": r.result.duration_ms,
+                "status_code": r.result.status_code,
+                "outcome": r.outcome.kind.value,
+                "error_kind": r.outcome.error_kind.value if r.outcome.error_kind else None,
+                "error": r.outcome.error,
+                "response_excerpt": r.result.response_excerpt,
+            }
+            for r in records
+        ]
+        delivery_rows = [
+            {
+                "b_id": r.delivery.id,
+                "b_status": r.next_status.value,
+                "b_attempts": r.attempt_number,
+                "b_next": r.next_attempt_at,
+                "b_code": r.result.status_code,
+                "b_error": r.outcome.error,
+            }
+            for r in records
+        ]
+        # Only a pending row moves: a late writer whose lease expired cannot undo a success.
+        move = (
+            update(deliveries)
+            .where(and_(deliveries.c.id == bindparam("b_id"),
+                        deliveries.c.status == DeliveryStatus.PENDING.value))
+            .values(
+                status=bindparam("b_status"), attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next"), locked_until=None,
+                last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
+                updated_at=now,
+            )
+        )
+        gone = sorted({r.delivery.endpoint_id for r in records
+                       if r.outcome.kind is OutcomeKind.DISABLE})
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(attempts), attempt_rows)
+                await conn.execute(move, delivery_rows)
+                if gone:
+                    await conn.execute(
+                        update(endpoints)
+                        .where(endpoints.c.id.in_(gone))
+                        .values(enabled=False, updated_at=now,
+                                disabled_reason=f"receiver answered 410 Gone at {now:%Y-%m-%dT%H:%M:%SZ}")
+                    )
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def cleanup(self, older_than: datetime, chunk: int, max_chunks: int = 10_000) -> int:
+        """Delete finished deliveries (and their attempts) created before `older_than`.
+
+        Chunked, one short transaction per chunk, so no lock is held for long.
+        """
+        removed = 0
+        for _ in range(max_chunks):
+            async with self.engine.begin() as conn:
+                ids = list(
+                    (await conn.execute(
+                        select(deliveries.c.id)
+                        .where(deliveries.c.created_at < older_than,
+                               deliveries.c.status != DeliveryStatus.PENDING.value)
+                        .limit(chunk)
+                    )).scalars()
+                )
+                if not ids:
+                    break
+                await conn.execute(delete(attempts).where(attempts.c.delivery_id.in_(ids)))
+                await conn.execute(delete(deliveries).where(deliveries.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < chunk:
+                break
+        return removed
+
+    async def replay(
+        self, ids: Sequence[str] = (), *, endpoint_id: str | None = None, all_failed: bool = False
+    ) -> int:
+        """Make failed deliveries pending again, due now, with a fresh retry budget."""
+        if not ids and not all_failed:
+            return 0
+        conditions = [deliveries.c.status == DeliveryStatus.FAILED.value]
+        if ids:
+            conditions.append(deliveries.c.id.in_(list(ids)))
+        if endpoint_id is not None:
+            conditions.append(deliveries.c.endpoint_id == endpoint_id)
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(deliveries).where(*conditions).values(
+                    status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=now,
+                    locked_until=None, updated_at=now,
+                )
+            )
+        return int(result.rowcount)
+
+    async def status_counts(self) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
+            )
+            return {status: int(count) for status, count in rows}
+

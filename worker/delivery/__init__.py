@@ -1,0 +1,1 @@
+"""The asyncio delivery engine: pure policy modules plus the I/O that uses them."""

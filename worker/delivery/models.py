@@ -1,0 +1,131 @@
+"""Values passed between the task shells, the engine and the store."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its next attempt (owned by the database)
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # dead: retries exhausted or a terminal outcome; replayable
+    REJECTED = "rejected"  # never attemptable: unknown endpoint, bad payload
+
+
+class OutcomeKind(enum.StrEnum):
+    SUCCESS = "success"
+    RETRY = "retry"  # failed, another attempt is scheduled
+    FAILED = "failed"  # failed, no attempt left or terminal
+    DISABLE = "disable"  # 410 Gone: the endpoint is disabled
+    BLOCKED = "blocked"  # refused by the network policy before any byte was sent
+
+
+class ErrorKind(enum.StrEnum):
+    HTTP_STATUS = "http_status"
+    REDIRECT = "redirect"
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    DNS = "dns"
+    TLS = "tls"
+    PROTOCOL = "protocol"
+    BLOCKED = "blocked"
+    INVALID_URL = "invalid_url"
+    ENDPOINT_DISABLED = "endpoint_disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class EventIn:
+    """One event as a producer sent it, before validation."""
+
+    webhook_id: Any
+    event_data: Any
+    idempotency_key: Any = None
+    event_type: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    id: str
+    url: str
+    secrets: tuple[str, ...]
+    event_types: tuple[str, ...] = ()
+    enabled: bool = True
+    disabled_reason: str | None = None
+    description: str | None = None
+    created_at: datetime | None = None
+
+    def subscribes_to(self, event_type: str | None) -> bool:
+        return not self.event_types or event_type in self.event_types
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event bound for one endpoint; `id` is the stable `webhook-id`."""
+
+    id: str
+    endpoint_id: str
+    url: str
+    secrets: tuple[str, ...]
+    payload: bytes
+    attempts: int = 0  # attempts already made before this one
+    event_type: str | None = None
+    lease_until: float | None = None  # time.time() after which another worker may claim it
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResult:
+    """What one HTTP attempt produced, before any policy is applied."""
+
+    status_code: int | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    retry_after: str | None = None
+    response_excerpt: str | None = None
+    duration_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The verdict on one attempt."""
+
+    kind: OutcomeKind
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    retry_after_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One finished attempt and what follows from it, ready to be written."""
+
+    delivery: Delivery
+    result: HttpResult
+    outcome: Outcome
+    attempted_at: datetime
+    attempt_number: int
+    next_status: DeliveryStatus
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event refused at intake, recorded with its reason."""
+
+    webhook_id: str
+    code: str
+    message: str
+    idempotency_key: str | None = None
+    event_type: str | None = None
+    payload: bytes | None = None
+
+
+@dataclass(slots=True)
+class AcceptReport:
+    """What intake did with a list of events."""
+
+    accepted: list[str] = field(default_factory=list)  # delivery ids
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)

@@ -1,0 +1,166 @@
+"""One pooled aiohttp session that POSTs signed payloads, and nothing else."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import aiohttp
+from aiohappyeyeballs import AddrInfoType
+
+from worker.delivery.models import Delivery, ErrorKind, HttpResult
+from worker.delivery.netpolicy import IPNetwork, is_allowed
+from worker.delivery.signing import secret_key, webhook_headers
+from worker.errors import DestinationBlocked, InvalidSecret
+from worker.settings import Settings
+
+USER_AGENT = "webhook-worker/0.1"
+# Past the excerpt, drain at most this much so the connection can be reused.
+DRAIN_LIMIT = 64 * 1024
+
+
+def guarded_socket_factory(allowed: Sequence[IPNetwork]) -> object:
+    """A socket factory for TCPConnector that refuses disallowed addresses at connect time."""
+
+    def factory(addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, address = addr_info
+        host = str(address[0])
+        if not is_allowed(host, allowed):
+            raise DestinationBlocked(host)
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return factory
+
+
+def _is_blocked(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, DestinationBlocked) or DestinationBlocked.MARKER in str(seen):
+            return True
+        if isinstance(seen, aiohttp.ClientConnectorError):
+            seen = seen.os_error
+        else:
+            seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class Sender:
+    """Signs and POSTs one delivery per call; owns the session and its connection pool."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self._keys: dict[tuple[str, ...], tuple[bytes, ...]] = {}
+
+    async def __aenter__(self) -> Sender:
+        self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def open(self) -> None:
+        """Create the session; must run inside the loop that will use it."""
+        if self._session is not None:
+            return
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=s.max_in_flight,
+            limit_per_host=s.per_host_limit,
+            ttl_dns_cache=60,
+            keepalive_timeout=30,
+            socket_factory=guarded_socket_factory(s.allowed_networks),  # type: ignore[arg-type]
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=s.request_timeout, connect=s.connect_timeout, sock_connect=s.connect_timeout
+            ),
+            headers={"user-agent": USER_AGENT},
+            trust_env=False,
+            auto_decompress=False,
+            skip_auto_headers=("accept-encoding",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _signing_keys(self, secrets: tuple[str, ...]) -> tuple[bytes, ...]:
+        keys = self._keys.get(secrets)
+        if keys is None:
+            keys = tuple(secret_key(secret) for secret in secrets)
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            self._keys[secrets] = keys
+        return keys
+
+    async def send(self, delivery: Delivery) -> HttpResult:
+        """One attempt: sign afresh, POST, read a bounded excerpt. Never raises for I/O."""
+        if self._session is None:
+            raise RuntimeError("Sender.open() was not called")
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return (time.perf_counter() - started) * 1000.0
+
+        try:
+            keys = self._signing_keys(delivery.secrets)
+        except InvalidSecret as exc:
+            return HttpResult(error_kind=ErrorKind.INVALID_URL, error=f"endpoint secret: {exc}")
+        headers = webhook_headers(keys, delivery.id, int(time.time()), delivery.payload)
+        try:
+            async with self._session.post(
+                delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
+            ) as response:
+                excerpt = await self._read_excerpt(response)
+                return HttpResult(
+                    status_code=response.status,
+                    retry_after=response.headers.get("retry-after"),
+                    response_excerpt=excerpt,
+                    duration_ms=elapsed(),
+                )
+        except TimeoutError as exc:
+            return HttpResult(error_kind=ErrorKind.TIMEOUT, error=_describe(exc, "timed out"),
+                              duration_ms=elapsed())
+        except aiohttp.InvalidURL as exc:
+            return HttpResult(error_kind=ErrorKind.INVALID_URL, error=f"invalid URL: {exc}",
+                              duration_ms=elapsed())
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            return HttpResult(error_kind=ErrorKind.TLS, error=_describe(exc), duration_ms=elapsed())
+        except aiohttp.ClientConnectorDNSError as exc:
+            return HttpResult(error_kind=ErrorKind.DNS, error=_describe(exc), duration_ms=elapsed())
+        except aiohttp.ClientConnectorError as exc:
+            kind = ErrorKind.BLOCKED if _is_blocked(exc) else ErrorKind.CONNECT
+            return HttpResult(error_kind=kind, error=_describe(exc), duration_ms=elapsed())
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            kind = ErrorKind.BLOCKED if _is_blocked(exc) else ErrorKind.PROTOCOL
+            return HttpResult(error_kind=kind, error=_describe(exc), duration_ms=elapsed())
+
+    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
+        limit = self.settings.response_excerpt_bytes
+        kept = bytearray()
+        drained = 0
+        while drained < limit + DRAIN_LIMIT:
+            chunk = await response.content.read(min(16384, limit + DRAIN_LIMIT - drained))
+            if not chunk:
+                break
+            if len(kept) < limit:
+                kept += chunk[: limit - len(kept)]
+            drained += len(chunk)
+        if not response.content.at_eof():
+            response.close()  # too long to drain: drop the connection rather than read on
+        return kept.decode("utf-8", "replace") if kept else None
+
+
+def _describe(exc: BaseException, default: str = "") -> str:
+    text = str(exc) or default or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -1,0 +1,47 @@
+"""The delivery engine alone: pre-built deliveries, no broker, no database.
+
+For the bench's `engine` mode and for embedding: the same dispatcher, sender and in-flight
+bound as the worker, with outcomes kept in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from worker.delivery.dispatcher import Dispatcher
+from worker.delivery.models import AttemptRecord, Delivery
+from worker.delivery.sender import Sender
+from worker.settings import Settings
+
+
+class MemoryRecorder:
+    def __init__(self) -> None:
+        self.records: list[AttemptRecord] = []
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        self.records.extend(records)
+
+
+async def deliver_all(
+    deliveries: Sequence[Delivery], settings: Settings, *, timeout: float | None = None
+) -> list[AttemptRecord]:
+    """Attempt each delivery once; returns one record per delivery, in completion order."""
+    recorder = MemoryRecorder()
+    done = asyncio.Event()
+    expected = len(deliveries)
+
+    def on_record(_: AttemptRecord) -> None:
+        if len(recorder.records) >= expected:
+            done.set()
+
+    async with Sender(settings) as sender:
+        dispatcher = Dispatcher(settings, sender, recorder, on_record=on_record)
+        dispatcher.start()
+        try:
+            dispatcher.submit(deliveries)
+            if expected:
+                await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            await dispatcher.drain(grace=0)
+    return recorder.records

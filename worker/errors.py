@@ -1,0 +1,45 @@
+"""The error taxonomy: every failure the worker names has a class here."""
+
+from __future__ import annotations
+
+
+class WebhookError(Exception):
+    """Base of every error raised by webhook-worker."""
+
+
+class InvalidEvent(WebhookError, ValueError):
+    """An event that can never be delivered as given (shape, size, encoding)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidEndpoint(WebhookError, ValueError):
+    """An endpoint definition that cannot be accepted (URL, secret, id)."""
+
+
+class InvalidSecret(InvalidEndpoint):
+    """A signing secret that is not `whsec_` + base64 of at least 24 bytes."""
+
+
+class EndpointNotFound(WebhookError, LookupError):
+    """No endpoint has that id."""
+
+
+class DestinationBlocked(WebhookError, OSError):
+    """The address about to be dialled is not allowed by the network policy."""
+
+    MARKER = "destination blocked by network policy"
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"{self.MARKER}: {address}")
+        self.address = address
+
+
+class StoreUnavailable(WebhookError):
+    """The database could not take a write; the caller must keep the work."""
+
+
+class EngineUnavailable(WebhookError):
+    """The delivery engine of this process is not running or did not answer in time."""

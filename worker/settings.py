@@ -1,0 +1,151 @@
+"""One typed settings object, read once from the environment."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Original setup: 3 retries, exponential backoff capped at 10 minutes.
+DEFAULT_RETRY_SCHEDULE = (30.0, 120.0, 600.0)
+# Standard Webhooks' example schedule after the first attempt.
+STANDARD_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
+RETRY_PRESETS = {"default": DEFAULT_RETRY_SCHEDULE, "standard": STANDARD_RETRY_SCHEDULE}
+
+
+def _env(name: str, *aliases: str) -> AliasChoices:
+    return AliasChoices(name, *aliases)
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker; see the configuration table in the README."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # Broker
+    redis_host: str = Field("localhost", validation_alias=_env("REDIS_HOST"))
+    redis_port: int = Field(6379, validation_alias=_env("REDIS_PORT"))
+    redis_db: int = Field(0, validation_alias=_env("REDIS_DB"))
+    celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+    result_backend: str | None = Field(None, validation_alias=_env("WEBHOOKS_RESULT_BACKEND"))
+    visibility_timeout: int = Field(3600, validation_alias=_env("WEBHOOKS_VISIBILITY_TIMEOUT"))
+    concurrency: int = Field(4, ge=1, validation_alias=_env("WEBHOOKS_CONCURRENCY"))
+    prefetch_multiplier: int = Field(200, ge=1, validation_alias=_env("WEBHOOKS_PREFETCH"))
+    task_time_limit: int = Field(300, validation_alias=_env("WEBHOOKS_TASK_TIME_LIMIT"))
+    task_soft_time_limit: int = Field(240, validation_alias=_env("WEBHOOKS_TASK_SOFT_TIME_LIMIT"))
+    max_tasks_per_child: int = Field(1000, validation_alias=_env("WEBHOOKS_MAX_TASKS_PER_CHILD"))
+
+    # Database
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./webhooks.db", validation_alias=_env("DATABASE_URL")
+    )
+    db_pool_size: int = Field(5, ge=1, validation_alias=_env("WEBHOOKS_DB_POOL_SIZE"))
+
+    # Gathering single-event messages (celery-batches)
+    gather_size: int = Field(100, ge=1, validation_alias=_env("WEBHOOKS_GATHER_SIZE"))
+    gather_interval: float = Field(0.05, gt=0, validation_alias=_env("WEBHOOKS_GATHER_INTERVAL"))
+    max_events_per_message: int = Field(
+        1000, ge=1, validation_alias=_env("WEBHOOKS_MAX_EVENTS_PER_MESSAGE")
+    )
+
+    # Engine
+    max_in_flight: int = Field(1000, ge=1, validation_alias=_env("WEBHOOKS_MAX_IN_FLIGHT"))
+    max_queued: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_MAX_QUEUED"))
+    per_host_limit: int = Field(256, ge=0, validation_alias=_env("WEBHOOKS_PER_HOST_LIMIT"))
+    connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_CONNECT_TIMEOUT"))
+    request_timeout: float = Field(15.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEST_TIMEOUT"))
+    accept_timeout: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_ACCEPT_TIMEOUT"))
+    response_excerpt_bytes: int = Field(
+        2048, ge=0, validation_alias=_env("WEBHOOKS_RESPONSE_EXCERPT_BYTES")
+    )
+    max_payload_bytes: int = Field(262144, ge=2, validation_alias=_env("WEBHOOKS_MAX_PAYLOAD_BYTES"))
+    lease_seconds: float = Field(120.0, gt=0, validation_alias=_env("WEBHOOKS_LEASE_SECONDS"))
+    flush_interval: float = Field(0.05, gt=0, validation_alias=_env("WEBHOOKS_FLUSH_INTERVAL"))
+    flush_size: int = Field(500, ge=1, validation_alias=_env("WEBHOOKS_FLUSH_SIZE"))
+    shutdown_grace: float = Field(10.0, ge=0, validation_alias=_env("WEBHOOKS_SHUTDOWN_GRACE"))
+    allowed_networks: Annotated[
+        tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode
+    ] = Field((), validation_alias=_env("WEBHOOKS_ALLOWED_NETWORKS"))
+
+    # Retries and retention
+    retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        DEFAULT_RETRY_SCHEDULE, validation_alias=_env("WEBHOOKS_RETRY_SCHEDULE")
+    )
+    retry_jitter: float = Field(0.2, ge=0, lt=1, validation_alias=_env("WEBHOOKS_RETRY_JITTER"))
+    max_retry_after: float = Field(86400.0, gt=0, validation_alias=_env("WEBHOOKS_MAX_RETRY_AFTER"))
+    sweep_interval: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_SWEEP_INTERVAL"))
+    sweep_limit: int = Field(2000, ge=1, validation_alias=_env("WEBHOOKS_SWEEP_LIMIT"))
+    retention_days: float = Field(90.0, gt=0, validation_alias=_env("WEBHOOKS_RETENTION_DAYS"))
+    cleanup_chunk: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_CLEANUP_CHUNK"))
+    idempotency_window: float = Field(
+        86400.0, gt=0, validation_alias=_env("WEBHOOKS_IDEMPOTENCY_WINDOW")
+    )
+
+    log_level: str = Field("INFO", validation_alias=_env("WEBHOOKS_LOG_LEVEL"))
+    # Set by systemd when stdout goes to the journal.
+    journal_stream: str | None = Field(None, validation_alias=_env("JOURNAL_STREAM"))
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+            try:
+                return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+            except ValueError as exc:
+                raise ValueError(f"WEBHOOKS_ALLOWED_NETWORKS: {exc}") from exc
+        return value
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text in RETRY_PRESETS:
+                return RETRY_PRESETS[text]
+            if text in ("", "none"):
+                return ()
+            try:
+                return tuple(float(part) for part in text.split(","))
+            except ValueError as exc:
+                raise ValueError(
+                    "WEBHOOKS_RETRY_SCHEDULE takes 'default', 'standard', 'none' "
+                    f"or comma-separated seconds, not {value!r}"
+                ) from exc
+        return value
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("retry delays must be >= 0 seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("the soft time limit must be below the hard time limit")
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("the Redis visibility timeout must exceed the task hard time limit")
+        if self.lease_seconds <= self.request_timeout:
+            raise ValueError("the delivery lease must outlast one request (request_timeout)")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        if self.celery_broker_url:
+            return self.celery_broker_url
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + len(self.retry_schedule)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Celery task shells: validate, commit, hand to the engine, return."""

@@ -1,0 +1,250 @@
+"""The producer API and the task shells behind it.
+
+    from worker.tasks.webhook_delivery import deliver_webhook_event
+    deliver_webhook_event.delay(webhook_id="webhook-xyz", event_data={...})
+
+A shell does no delivery work: it turns its message into delivery rows, waits for the engine
+to commit them, and returns; the message is acknowledged after that, so once the broker lets
+go of an event the database holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery_batches import Batches, SimpleRequest
+
+from worker.celery_app import app, settings
+from worker.delivery.intake import Incoming
+from worker.delivery.models import AcceptReport, EventIn
+from worker.delivery.runtime import get_runtime
+from worker.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
+from worker.validation import validate_event
+
+log = logging.getLogger("webhooks.tasks")
+
+# Failures that mean "not committed, keep the message": never acknowledged as done.
+NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded)
+SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key")
+REPUBLISH_DELAY = 10.0
+
+
+def _single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> EventIn:
+    """The event a `deliver_event` message carries; InvalidEvent for a malformed call."""
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    if len(args) > len(SINGLE_FIELDS):
+        raise InvalidEvent("bad_arguments", f"deliver_event takes at most {len(SINGLE_FIELDS)} "
+                           "arguments: webhook_id, event_data, idempotency_key")
+    fields = dict(zip(SINGLE_FIELDS, args, strict=False))
+    unknown = set(kwargs) - set(SINGLE_FIELDS)
+    if unknown:
+        raise InvalidEvent("bad_arguments", f"unknown argument(s): {', '.join(sorted(unknown))}")
+    twice = set(fields) & set(kwargs)
+    if twice:
+        raise InvalidEvent("bad_arguments", f"argument(s) given twice: {', '.join(sorted(twice))}")
+    fields.update(kwargs)
+    if "webhook_id" not in fields or "event_data" not in fields:
+        raise InvalidEvent("bad_arguments", "deliver_event needs webhook_id and event_data")
+    return EventIn(fields["webhook_id"], fields["event_data"], fields.get("idempotency_key"))
+
+
+def _event_from_mapping(item: Any) -> EventIn:
+    if not isinstance(item, Mapping):
+        raise InvalidEvent("bad_arguments", "each event must be an object with webhook_id and "
+                           f"event_data, not {type(item).__name__}")
+    return _single_event((), item)
+
+
+def _producer_check(event: EventIn) -> None:
+    validate_event(event.webhook_id, event.event_data, max_payload_bytes=settings.max_payload_bytes,
+                   idempotency_key=event.idempotency_key)
+
+
+def _incoming(message_id: str, parse: Any, *raw: Any) -> Incoming:
+    """The parsed event, or a placeholder carrying why it could not be parsed."""
+    try:
+        return Incoming(message_id, parse(*raw))
+    except InvalidEvent as exc:
+        fields = raw[-1] if raw and isinstance(raw[-1], Mapping) else {}
+        webhook_id = fields.get("webhook_id")
+        return Incoming(message_id, EventIn(webhook_id if isinstance(webhook_id, str) else "?",
+                                            None), problem=exc)
+
+
+def _hand_over(items: Sequence[Incoming]) -> AcceptReport:
+    runtime = get_runtime()
+    intake = runtime.intake
+    assert intake is not None
+    return runtime.call(lambda: intake.accept(items), settings.accept_timeout)
+
+
+def _summary(report: AcceptReport) -> dict[str, Any]:
+    return {"accepted": report.accepted, "duplicates": report.duplicates,
+            "rejected": [{"webhook_id": r.webhook_id, "code": r.code, "message": r.message}
+                         for r in report.rejected]}
+
+
+# -- single events, gathered ------------------------------------------------------------------
+
+
+class GatheredEvents(Batches):  # type: ignore[misc]
+    """Single-event messages gathered so one commit covers many of them."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        _producer_check(_single_event(args, kwargs))
+        return super().apply_async(args, kwargs, **options)
+
+
+@app.task(
+    base=GatheredEvents,
+    name="webhooks.deliver_event",
+    flush_every=settings.gather_size,
+    flush_interval=settings.gather_interval,
+    acks_late=True,
+)
+def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
+    """Deliver one event to the endpoint `webhook_id`; called as `.delay(webhook_id, event_data)`."""
+    items = [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
+    try:
+        report = _hand_over(items)
+    except NOT_COMMITTED as exc:
+        _republish(requests, exc)
+        return
+    log.debug("took %d events: %d new, %d duplicate, %d rejected", len(items),
+              len(report.accepted), report.duplicates, len(report.rejected))
+
+
+def _republish(requests: Sequence[SimpleRequest], exc: BaseException) -> None:
+    """Hand the messages back to the broker under the same ids: gathered tasks are acked on
+    return whatever happens, so this is how an uncommitted event stays in the broker."""
+    log.warning("could not commit %d events (%s); republishing them in %.0fs",
+                len(requests), exc, REPUBLISH_DELAY)
+    try:
+        for r in requests:
+            deliver_webhook_event.apply_async(args=r.args, kwargs=r.kwargs, task_id=r.id,
+                                              countdown=REPUBLISH_DELAY)
+    except Exception:
+        log.critical("could not republish %d events either; exiting without acknowledging "
+                     "them so the broker redelivers them", len(requests), exc_info=True)
+        logging.shutdown()
+        os._exit(70)
+
+
+# -- many events in one message ---------------------------------------------------------------
+
+
+class ValidatedTask(Task):  # type: ignore[type-arg]
+    """Checks producer calls in the producer's process, where the error can be caught."""
+
+    def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        self.check_call(tuple(args or ()), dict(kwargs or {}))
+        return super().apply_async(args, kwargs, **options)
+
+
+class EventBatchTask(ValidatedTask):
+    def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        events = kwargs.get("events", args[0] if args else None)
+        if not isinstance(events, list | tuple) or not events:
+            raise InvalidEvent("bad_arguments", "deliver_events takes events=[...], non-empty")
+        if len(events) > settings.max_events_per_message:
+            raise InvalidEvent("too_many_events", f"{len(events)} events in one message; the "
+                               f"limit is {settings.max_events_per_message}")
+        for index, item in enumerate(events):
+            try:
+                _producer_check(_event_from_mapping(item))
+            except InvalidEvent as exc:
+                raise InvalidEvent(exc.code, f"events[{index}]: {exc}") from exc
+
+
+@app.task(bind=True, base=EventBatchTask, name="webhooks.deliver_events", acks_late=True,
+          max_retries=None)
+def deliver_webhook_events(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:  # type: ignore[type-arg]
+    """Deliver many events from one message: `.delay(events=[{webhook_id, event_data}, ...])`."""
+    if not isinstance(events, list):
+        events = [events]
+    items = [_incoming(f"{self.request.id}:{i}", _event_from_mapping, e)
+             for i, e in enumerate(events[: settings.max_events_per_message])]
+    try:
+        return _summary(_hand_over(items))
+    except NOT_COMMITTED as exc:
+        delay = min(5.0 * 2 ** min(self.request.retries, 4), 60.0)
+        log.warning("could not commit %d events (%s); retrying in %.0fs", len(items), exc, delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
+
+
+# -- fan-out ---------------------------------------------------------------------------------
+
+
+class FanOutTask(ValidatedTask):
+    def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        fields = dict(zip(("event_type", "data", "idempotency_key"), args, strict=False))
+        fields.update(kwargs)
+        event_type = fields.get("event_type")
+        if not isinstance(event_type, str) or not event_type:
+            raise InvalidEvent("bad_arguments", "publish_event needs event_type, a string")
+        body = {"type": event_type, "timestamp": "2000-01-01T00:00:00+00:00",
+                "data": fields.get("data")}
+        validate_event("fan-out", body, max_payload_bytes=settings.max_payload_bytes,
+                       idempotency_key=fields.get("idempotency_key"))
+
+
+@app.task(bind=True, base=FanOutTask, name="webhooks.publish_event", acks_late=True,
+          max_retries=None)
+def publish_webhook_event(
+    self: Task,  # type: ignore[type-arg]
+    event_type: str,
+    data: Any,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """Deliver `{type, timestamp, data}` to every enabled endpoint subscribed to `event_type`."""
+    runtime = get_runtime()
+    intake = runtime.intake
+    assert intake is not None
+    try:
+        report = runtime.call(
+            lambda: intake.fan_out(self.request.id, event_type, data, idempotency_key),
+            settings.accept_timeout,
+        )
+    except NOT_COMMITTED as exc:
+        delay = min(5.0 * 2 ** min(self.request.retries, 4), 60.0)
+        raise self.retry(exc=exc, countdown=delay) from exc
+    return _summary(report)
+
+
+# -- periodic ---------------------------------------------------------------------------------
+
+
+@app.task(name="webhooks.retry_failed_deliveries", acks_late=True)
+def retry_failed_deliveries() -> dict[str, int]:
+    """Claim due retries and deliveries whose lease expired; runs every sweep interval."""
+    runtime = get_runtime()
+    intake = runtime.intake
+    assert intake is not None
+    claimed, dead = runtime.call(intake.sweep, settings.accept_timeout)
+    if claimed or dead:
+        log.info("sweep claimed %d due deliveries, failed %d for gone endpoints", claimed, dead)
+    return {"claimed": claimed, "failed": dead}
+
+
+@app.task(name="webhooks.cleanup_old_deliveries", acks_late=True)
+def cleanup_old_deliveries(retention_days: float | None = None) -> dict[str, int]:
+    """Delete finished deliveries and their attempts older than the retention (default 90 d)."""
+    days = settings.retention_days if retention_days is None else float(retention_days)
+    runtime = get_runtime()
+    store = runtime.store
+    assert store is not None
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    removed = runtime.call(lambda: store.cleanup(cutoff, settings.cleanup_chunk),
+                           settings.task_soft_time_limit - 10)
+    log.info("cleanup removed %d deliveries older than %.1f days", removed, days)
+    return {"removed": removed}
+

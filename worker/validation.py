@@ -1,0 +1,129 @@
+"""Checks on what producers and operators hand us; pure, no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from worker.errors import InvalidEndpoint, InvalidEvent
+
+ENDPOINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_KEY_LENGTH = 255
+MAX_URL_LENGTH = 2048
+MAX_EVENT_TYPE_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ValidEvent:
+    webhook_id: str
+    payload: bytes  # the exact body, serialised once
+    event_type: str | None
+    idempotency_key: str | None
+
+
+def _optional_text(value: Any, name: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise InvalidEvent(f"invalid_{name}", f"{name} must be a non-empty string of <= {limit}")
+    return value
+
+
+def event_type_of(event_data: dict[str, Any]) -> str | None:
+    """The event's type as producers spell it: `type` (Standard Webhooks) or `event`."""
+    for key in ("type", "event"):
+        value = event_data.get(key)
+        if isinstance(value, str) and value:
+            return value[:MAX_EVENT_TYPE_LENGTH]
+    return None
+
+
+def encode_payload(event_data: Any, max_bytes: int) -> bytes:
+    """The exact JSON body for `event_data`; raises InvalidEvent when it cannot be sent."""
+    if not isinstance(event_data, dict):
+        raise InvalidEvent(
+            "payload_not_object",
+            f"event_data must be a JSON object (dict), not {type(event_data).__name__}",
+        )
+    try:
+        body = orjson.dumps(event_data)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidEvent("payload_not_json", f"event_data is not JSON-serialisable: {exc}") from exc
+    if len(body) > max_bytes:
+        raise InvalidEvent(
+            "payload_too_large", f"event_data is {len(body)} bytes; the limit is {max_bytes}"
+        )
+    return body
+
+
+def check_webhook_id(value: Any) -> str:
+    if not isinstance(value, str) or not ENDPOINT_ID_RE.match(value):
+        raise InvalidEvent(
+            "invalid_webhook_id",
+            f"webhook_id must be an endpoint id (letters, digits, . _ : -), not {value!r:.80}",
+        )
+    return value
+
+
+def validate_event(
+    webhook_id: Any,
+    event_data: Any,
+    *,
+    max_payload_bytes: int,
+    idempotency_key: Any = None,
+    event_type: Any = None,
+) -> ValidEvent:
+    """One event checked and serialised; raises InvalidEvent with a stable `code`."""
+    endpoint_id = check_webhook_id(webhook_id)
+    key = _optional_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH)
+    explicit_type = _optional_text(event_type, "event_type", MAX_EVENT_TYPE_LENGTH)
+    body = encode_payload(event_data, max_payload_bytes)
+    return ValidEvent(endpoint_id, body, explicit_type or event_type_of(event_data), key)
+
+
+def validate_endpoint_id(value: str) -> str:
+    if not ENDPOINT_ID_RE.match(value):
+        raise InvalidEndpoint(
+            f"endpoint id {value!r} must be 1-128 of letters, digits, '.', '_', ':', '-'"
+        )
+    return value
+
+
+def validate_url(url: str, *, allow_http: bool = True) -> str:
+    """An absolute http(s) URL with a host and no credentials; returns it unchanged."""
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
+        raise InvalidEndpoint(f"a URL must be a string of 1..{MAX_URL_LENGTH} characters")
+    if any(ch.isspace() for ch in url):
+        raise InvalidEndpoint(f"URL {url!r} contains white space")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidEndpoint(f"URL {url!r} is malformed: {exc}") from exc
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes:
+        raise InvalidEndpoint(f"URL {url!r} must use {' or '.join(schemes)}")
+    if not parts.hostname:
+        raise InvalidEndpoint(f"URL {url!r} has no host")
+    if parts.username or parts.password:
+        raise InvalidEndpoint(f"URL {url!r} must not carry credentials")
+    if port == 0:
+        raise InvalidEndpoint(f"URL {url!r} has port 0")
+    if parts.fragment:
+        raise InvalidEndpoint(f"URL {url!r} must not have a fragment")
+    return url
+
+
+def validate_event_types(values: Any) -> tuple[str, ...]:
+    if not values:
+        return ()
+    out = []
+    for value in values:
+        if not isinstance(value, str) or not value or len(value) > MAX_EVENT_TYPE_LENGTH:
+            raise InvalidEndpoint(f"event type {value!r} must be a non-empty string")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
