@@ -26,5 +26,6 @@ def new_id(prefix: str, *, now_ms: int | None = None, entropy: bytes | None = No
 
 def derived_id(prefix: str, *parts: str) -> str:
     """A deterministic id for the same parts: a broker redelivery maps to the same rows."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).digest()
+    encoded = b"".join(b"%d:%s" % (len(p.encode()), p.encode()) for p in parts)
+    digest = hashlib.blake2b(encoded, digest_size=16).digest()
     return f"{prefix}_{_base32(int.from_bytes(digest, 'big'), 26)}"

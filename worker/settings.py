@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from functools import lru_cache
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_RETRY_SCHEDULE = (30.0, 120.0, 600.0)
 # Standard Webhooks' example schedule after the first attempt.
 STANDARD_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
+# A delay past this is a misconfiguration, not a schedule.
+MAX_RETRY_DELAY = 30 * 86400.0
 RETRY_PRESETS = {"default": DEFAULT_RETRY_SCHEDULE, "standard": STANDARD_RETRY_SCHEDULE}
 
 
@@ -54,7 +57,9 @@ class Settings(BaseSettings):
     # Engine
     max_in_flight: int = Field(1000, ge=1, validation_alias=_env("WEBHOOKS_MAX_IN_FLIGHT"))
     max_queued: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_MAX_QUEUED"))
-    per_host_limit: int = Field(256, ge=0, validation_alias=_env("WEBHOOKS_PER_HOST_LIMIT"))
+    per_endpoint_limit: int = Field(
+        256, ge=1, validation_alias=_env("WEBHOOKS_PER_ENDPOINT_LIMIT")
+    )
     connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_CONNECT_TIMEOUT"))
     request_timeout: float = Field(15.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEST_TIMEOUT"))
     accept_timeout: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_ACCEPT_TIMEOUT"))
@@ -120,8 +125,8 @@ class Settings(BaseSettings):
     @field_validator("retry_schedule")
     @classmethod
     def _check_schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(delay < 0 for delay in value):
-            raise ValueError("retry delays must be >= 0 seconds")
+        if not all(math.isfinite(delay) and 0 <= delay <= MAX_RETRY_DELAY for delay in value):
+            raise ValueError(f"retry delays must be finite, 0..{MAX_RETRY_DELAY:.0f} seconds")
         return value
 
     @model_validator(mode="after")

@@ -24,7 +24,11 @@ def create_engine(settings: Settings, *, url: str | None = None) -> AsyncEngine:
     """An AsyncEngine for `url` (default: settings.database_url); call inside the loop."""
     target = make_url(url or settings.database_url)
     if target.get_backend_name() == "sqlite":
-        engine = create_async_engine(target, connect_args={"timeout": 30})
+        # One connection per process: SQLite has one writer, and queueing for the pool is
+        # cheaper than its busy handler's sleeps when two pooled connections collide.
+        engine = create_async_engine(
+            target, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(

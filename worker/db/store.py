@@ -20,6 +20,7 @@ from worker.delivery.models import (
     OutcomeKind,
     Rejection,
 )
+from worker.delivery.signing import secret_key
 from worker.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
 
 
@@ -50,6 +51,10 @@ class Store:
     # -- endpoints -------------------------------------------------------------------------
 
     async def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        if not endpoint.secrets:
+            raise InvalidEndpoint("an endpoint needs at least one signing secret")
+        for secret in endpoint.secrets:
+            secret_key(secret)
         now = utcnow()
         row = {
             "id": endpoint.id,

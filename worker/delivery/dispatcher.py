@@ -1,24 +1,32 @@
-"""Keeps up to `max_in_flight` attempts running and writes their outcomes back in bulk."""
+"""Keeps attempts running within bounds and writes their outcomes back in bulk.
+
+Two bounds: `max_in_flight` attempts in all, `per_endpoint_limit` per endpoint. A delivery
+whose endpoint is at its limit is parked without holding a global slot, so a slow endpoint
+never starves the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
 from worker.delivery.models import AttemptRecord, Delivery, HttpResult
 from worker.delivery.outcome import decide
-from worker.errors import StoreUnavailable
 from worker.settings import Settings
 
 log = logging.getLogger("webhooks.dispatcher")
 
 # Outcomes kept while the database refuses writes; past it, leases take over.
 MAX_UNWRITTEN = 200_000
+# Tries of the last write at shutdown before the outcomes are left to the leases.
+FINAL_WRITE_TRIES = 3
 
 
 class Recorder(Protocol):
@@ -53,39 +61,49 @@ class Dispatcher:
         self._flush_now = asyncio.Event()
         self._unwritten: list[AttemptRecord] = []
         self._attempts: set[asyncio.Task[None]] = set()
-        self._loops: list[asyncio.Task[None]] = []
+        self._per_endpoint: dict[str, int] = {}
+        self._parked: dict[str, deque[Delivery]] = {}
+        self._parked_count = 0
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._accepting = True
+        self._closing = False
         self.stats = {"attempted": 0, "recorded": 0, "lease_lost": 0, "write_failures": 0}
 
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loops = [
-            asyncio.create_task(self._dispatch(), name="webhooks-dispatch"),
-            asyncio.create_task(self._write_outcomes(), name="webhooks-outcomes"),
-        ]
+        self._dispatch_task = asyncio.create_task(self._dispatch(), name="webhooks-dispatch")
+        self._writer_task = asyncio.create_task(self._write_outcomes(), name="webhooks-outcomes")
 
     async def drain(self, grace: float) -> None:
-        """Stop taking work, let running attempts finish within `grace`, write what is known."""
+        """Stop taking work, let running attempts finish within `grace`, write what is known.
+
+        Queued and parked deliveries are left alone: their leases expire and the sweep
+        hands them to a worker again.
+        """
         self._accepting = False
-        self._loops[0].cancel()
+        if self._dispatch_task is not None:
+            self._dispatch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatch_task
         if self._attempts:
             _, late = await asyncio.wait(set(self._attempts), timeout=grace)
             for task in late:
-                task.cancel()  # their leases expire and another worker resumes them
-        self._loops[1].cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._unwritten:
-            try:
-                await self._recorder.record_attempts(self._take_unwritten())
-            except StoreUnavailable as exc:
-                log.error("outcomes not written at shutdown (leases will replay them): %s", exc)
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        self._closing = True
+        self._flush_now.set()
+        if self._writer_task is not None:
+            await self._writer_task
 
     # -- intake side -----------------------------------------------------------------------
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Deliveries waiting for a slot, parked ones included."""
+        return self._queue.qsize() + self._parked_count
 
     @property
     def in_flight(self) -> int:
@@ -93,12 +111,12 @@ class Dispatcher:
 
     @property
     def free_capacity(self) -> int:
-        return max(self.settings.max_queued - self._queue.qsize(), 0)
+        return max(self.settings.max_queued - self.queued, 0)
 
-    async def wait_for_room(self, count: int, timeout: float) -> bool:
+    async def wait_for_room(self, count: int, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until `count` more deliveries fit the queue bound (an empty queue takes any)."""
         deadline = time.monotonic() + timeout
-        while self._queue.qsize() and self._queue.qsize() + count > self.settings.max_queued:
+        while self.queued and self.queued + count > self.settings.max_queued:
             self._room.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -116,21 +134,47 @@ class Dispatcher:
         for delivery in deliveries:
             self._queue.put_nowait(delivery)
 
-    # -- the two loops ---------------------------------------------------------------------
+    # -- dispatching -----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        limit = self.settings.per_endpoint_limit
         while True:
             await self._slots.acquire()
             delivery = await self._queue.get()
-            if self._queue.qsize() < self.settings.max_queued:
+            endpoint = delivery.endpoint_id
+            if self._per_endpoint.get(endpoint, 0) >= limit:
+                self._parked.setdefault(endpoint, deque()).append(delivery)
+                self._parked_count += 1
+                self._slots.release()
+                continue
+            self._start(delivery)
+            if self.queued < self.settings.max_queued:
                 self._room.set()
-            task = asyncio.create_task(self._attempt(delivery))
-            self._attempts.add(task)
-            task.add_done_callback(self._attempt_done)
 
-    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+    def _start(self, delivery: Delivery) -> None:
+        endpoint = delivery.endpoint_id
+        self._per_endpoint[endpoint] = self._per_endpoint.get(endpoint, 0) + 1
+        task = asyncio.create_task(self._attempt(delivery))
+        self._attempts.add(task)
+        task.add_done_callback(lambda t: self._finished(t, endpoint))
+
+    def _finished(self, task: asyncio.Task[None], endpoint: str) -> None:
         self._attempts.discard(task)
-        self._slots.release()
+        running = self._per_endpoint[endpoint] - 1
+        if running:
+            self._per_endpoint[endpoint] = running
+        else:
+            del self._per_endpoint[endpoint]
+        parked = self._parked.get(endpoint)
+        if parked and self._accepting:
+            # The endpoint's freed place goes to its oldest parked delivery, slot and all.
+            self._parked_count -= 1
+            nxt = parked.popleft()
+            if not parked:
+                del self._parked[endpoint]
+            self._start(nxt)
+        else:
+            self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("attempt crashed", exc_info=task.exception())
 
@@ -149,36 +193,46 @@ class Dispatcher:
         if len(self._unwritten) >= s.flush_size:
             self._flush_now.set()
 
-    def _take_unwritten(self) -> list[AttemptRecord]:
-        batch, self._unwritten = self._unwritten, []
-        return batch
+    # -- writing outcomes ------------------------------------------------------------------
 
     async def _write_outcomes(self) -> None:
         backoff = self.settings.flush_interval
+        failures_while_closing = 0
         while True:
-            try:
-                await asyncio.wait_for(self._flush_now.wait(), backoff)
-            except TimeoutError:
-                pass
-            self._flush_now.clear()
+            if not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush_now.wait(), backoff)
+                self._flush_now.clear()
             if not self._unwritten:
+                if self._closing:
+                    return
                 continue
-            batch = self._take_unwritten()
+            batch, self._unwritten = self._unwritten, []
             try:
                 await self._recorder.record_attempts(batch)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, try again
                 self.stats["write_failures"] += 1
                 self._unwritten[:0] = batch
-                if len(self._unwritten) > MAX_UNWRITTEN:
-                    dropped = len(self._unwritten) - MAX_UNWRITTEN
-                    del self._unwritten[:dropped]
-                    log.error("dropped %d unwritten outcomes; their leases will replay them",
-                              dropped)
+                self._trim_unwritten()
+                if self._closing:
+                    failures_while_closing += 1
+                    if failures_while_closing >= FINAL_WRITE_TRIES:
+                        log.error("%d outcomes not written at shutdown (leases will replay "
+                                  "them): %s", len(self._unwritten), exc)
+                        return
                 backoff = min(backoff * 2, 5.0)
                 log.warning("outcome write failed, retrying in %.2fs: %s", backoff, exc)
+                if self._closing:
+                    await asyncio.sleep(min(backoff, 1.0))
                 continue
             backoff = self.settings.flush_interval
             self.stats["recorded"] += len(batch)
             if self._on_record is not None:
                 for record in batch:
                     self._on_record(record)
+
+    def _trim_unwritten(self) -> None:
+        if len(self._unwritten) > MAX_UNWRITTEN:
+            dropped = len(self._unwritten) - MAX_UNWRITTEN
+            del self._unwritten[:dropped]
+            log.error("dropped %d unwritten outcomes; their leases will replay them", dropped)

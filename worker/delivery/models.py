@@ -33,6 +33,7 @@ class ErrorKind(enum.StrEnum):
     PROTOCOL = "protocol"
     BLOCKED = "blocked"
     INVALID_URL = "invalid_url"
+    INVALID_SECRET = "invalid_secret"
     ENDPOINT_DISABLED = "endpoint_disabled"
 
 

@@ -28,15 +28,14 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
 
 def is_public(address: IPAddress) -> bool:
     """True for globally routable unicast addresses only."""
-    if address.is_multicast or not address.is_global:
-        return False
     if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_LOCAL:
-            return False
         inner = embedded_ipv4(address)
         if inner is not None:
             return is_public(inner)
-    return True
+        # ::/8 holds the deprecated IPv4-compatible block; fec0::/10 is old site-local.
+        if address in _NAT64_LOCAL or address.is_reserved or address.is_site_local:
+            return False
+    return address.is_global and not address.is_multicast
 
 
 def is_allowed(address: str | IPAddress, allowed: Iterable[IPNetwork] = ()) -> bool:

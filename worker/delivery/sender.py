@@ -71,18 +71,19 @@ class Sender:
         if self._session is not None:
             return
         s = self.settings
+        # The dispatcher bounds concurrency (globally and per endpoint) before a request
+        # starts, so the connector never makes a request wait for a connection: a wait
+        # there would count against the request's own timeouts.
         connector = aiohttp.TCPConnector(
-            limit=s.max_in_flight,
-            limit_per_host=s.per_host_limit,
+            limit=s.max_in_flight + 16,
+            limit_per_host=0,
             ttl_dns_cache=60,
             keepalive_timeout=30,
             socket_factory=guarded_socket_factory(s.allowed_networks),  # type: ignore[arg-type]
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=s.request_timeout, connect=s.connect_timeout, sock_connect=s.connect_timeout
-            ),
+            timeout=aiohttp.ClientTimeout(total=s.request_timeout, sock_connect=s.connect_timeout),
             headers={"user-agent": USER_AGENT},
             trust_env=False,
             auto_decompress=False,
@@ -115,7 +116,10 @@ class Sender:
         try:
             keys = self._signing_keys(delivery.secrets)
         except InvalidSecret as exc:
-            return HttpResult(error_kind=ErrorKind.INVALID_URL, error=f"endpoint secret: {exc}")
+            return HttpResult(error_kind=ErrorKind.INVALID_SECRET, error=f"endpoint secret: {exc}")
+        if not keys:
+            return HttpResult(error_kind=ErrorKind.INVALID_SECRET,
+                              error="endpoint has no signing secret; nothing is sent unsigned")
         headers = webhook_headers(keys, delivery.id, int(time.time()), delivery.payload)
         try:
             async with self._session.post(
@@ -131,7 +135,7 @@ class Sender:
         except TimeoutError as exc:
             return HttpResult(error_kind=ErrorKind.TIMEOUT, error=_describe(exc, "timed out"),
                               duration_ms=elapsed())
-        except aiohttp.InvalidURL as exc:
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             return HttpResult(error_kind=ErrorKind.INVALID_URL, error=f"invalid URL: {exc}",
                               duration_ms=elapsed())
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
