@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db.engine import create_engine
 from worker.db.store import Store
@@ -193,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except WebhookError as exc:
         print(f"webhooks: error: {exc}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"webhooks: error: database {_safe_url(get_settings())}: "
+              f"{type(exc).__name__}: {str(exc).splitlines()[0]} "
+              "(is it reachable, and migrated with 'webhooks db upgrade'?)", file=sys.stderr)
         return 2
 
 

@@ -113,6 +113,7 @@ class Store:
             raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
 
     async def rotate_secret(self, endpoint_id: str, new_secret: str, keep_previous: bool) -> None:
+        secret_key(new_secret)
         current = await self.get_endpoint(endpoint_id)
         secrets = [new_secret, *current.secrets[:1]] if keep_previous else [new_secret]
         async with self.engine.begin() as conn:

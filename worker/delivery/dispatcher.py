@@ -210,7 +210,7 @@ class Dispatcher:
             batch, self._unwritten = self._unwritten, []
             try:
                 await self._recorder.record_attempts(batch)
-            except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, try again
+            except Exception as exc:
                 self.stats["write_failures"] += 1
                 self._unwritten[:0] = batch
                 self._trim_unwritten()

@@ -113,7 +113,7 @@ def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
     items = [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
     try:
         report = _hand_over(items)
-    except NOT_COMMITTED as exc:
+    except Exception as exc:
         _republish(requests, exc)
         return
     log.debug("took %d events: %d new, %d duplicate, %d rejected", len(items),
@@ -175,10 +175,16 @@ def deliver_webhook_events(self: Task, events: list[dict[str, Any]]) -> dict[str
              for i, e in enumerate(events[: settings.max_events_per_message])]
     try:
         return _summary(_hand_over(items))
-    except NOT_COMMITTED as exc:
-        delay = min(5.0 * 2 ** min(self.request.retries, 4), 60.0)
-        log.warning("could not commit %d events (%s); retrying in %.0fs", len(items), exc, delay)
-        raise self.retry(exc=exc, countdown=delay) from exc
+    except Exception as exc:
+        raise _retry_later(self, exc, len(items)) from exc
+
+
+def _retry_later(task: Task, exc: Exception, count: int) -> Exception:  # type: ignore[type-arg]
+    """A retry of the same message (same task id, so the same delivery ids) after a backoff."""
+    delay = min(5.0 * 2 ** min(task.request.retries, 4), 60.0)
+    log.warning("could not commit %d events (%s: %s); retrying in %.0fs", count,
+                type(exc).__name__, exc, delay, exc_info=not isinstance(exc, NOT_COMMITTED))
+    return task.retry(exc=exc, countdown=delay)
 
 
 # -- fan-out ---------------------------------------------------------------------------------
@@ -206,17 +212,17 @@ def publish_webhook_event(
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Deliver `{type, timestamp, data}` to every enabled endpoint subscribed to `event_type`."""
-    runtime = get_runtime()
-    intake = runtime.intake
-    assert intake is not None
+    message_id = self.request.id  # the request context is thread-local: read it here
     try:
+        runtime = get_runtime()
+        intake = runtime.intake
+        assert intake is not None
         report = runtime.call(
-            lambda: intake.fan_out(self.request.id, event_type, data, idempotency_key),
+            lambda: intake.fan_out(message_id, event_type, data, idempotency_key),
             settings.accept_timeout,
         )
-    except NOT_COMMITTED as exc:
-        delay = min(5.0 * 2 ** min(self.request.retries, 4), 60.0)
-        raise self.retry(exc=exc, countdown=delay) from exc
+    except Exception as exc:
+        raise _retry_later(self, exc, 1) from exc
     return _summary(report)
 
 
