@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def steady_window(
     if n < 2:
         return (times[0], times[0], n) if n else (0.0, 0.0, 0)
     i = int(n * lo_frac)
-    j = max(i + 1, min(n - 1, int(math.ceil(n * hi_frac)) - 1))
+    j = max(i + 1, min(n - 1, math.ceil(n * hi_frac) - 1))
     return times[i], times[j], j - i
 
 
@@ -139,7 +140,7 @@ def rate_from_samples(
         return 0.0
 
     def crossing(target: float) -> float | None:
-        for (ta, ca), (tb, cb) in zip(samples, samples[1:], strict=False):
+        for (ta, ca), (tb, cb) in itertools.pairwise(samples):
             if ca <= target <= cb and cb > ca:
                 return ta + (tb - ta) * (target - ca) / (cb - ca)
         return None

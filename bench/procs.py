@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -51,8 +52,8 @@ class Children:
         self,
         cmd: Sequence[str],
         env: Mapping[str, str],
-        stdout: int | None = subprocess.DEVNULL,
-        stderr: int | None | object = None,
+        stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+        stderr: int | IO[bytes] | None = None,
         stdin: int | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[bytes]:
         """Start ``cmd`` in a new session (its own process group) and register it."""
@@ -61,7 +62,7 @@ class Children:
             env=dict(env),
             cwd=str(ROOT),
             stdout=stdout,
-            stderr=stderr,  # type: ignore[arg-type]
+            stderr=stderr,
             stdin=stdin,
             start_new_session=True,
         )

@@ -183,7 +183,7 @@ class Handler:
 class HttpProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; requests are answered in order."""
 
-    __slots__ = ("busy", "buf", "closed", "handler", "loop", "transport")
+    __slots__ = ("buf", "busy", "closed", "handler", "loop", "transport")
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         self.handler = handler
@@ -283,15 +283,28 @@ async def _serve_async(cfg: ReceiverConfig, counters: Any, slot: int, conn: Conn
         except EOFError:
             stop.set()
             return
-        if cmd == "snapshot":
-            conn.send(handler.rec.dump())
-        elif cmd == "reset":
-            handler.rec.reset()
-            conn.send("ok")
-        elif cmd == "stop":
+        os.set_blocking(conn.fileno(), True)  # the loop made it non-blocking; big replies
+        try:
+            if cmd == "snapshot":
+                conn.send(handler.rec.dump())
+            elif cmd == "reset":
+                handler.rec.reset()
+                conn.send("ok")
+        finally:
+            os.set_blocking(conn.fileno(), False)
+        if cmd == "stop":
             stop.set()
 
     loop.add_reader(conn.fileno(), on_command)
+    parent = os.getppid()
+
+    def watchdog() -> None:  # the parent was killed without stopping us
+        if os.getppid() != parent:
+            stop.set()
+        else:
+            loop.call_later(1.0, watchdog)
+
+    loop.call_later(1.0, watchdog)
     conn.send("ready")
     await stop.wait()
     loop.remove_reader(conn.fileno())
@@ -428,7 +441,7 @@ class _LoadClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        transport.write(self.request)
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

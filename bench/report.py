@@ -34,6 +34,7 @@ class ModeResult:
     receiver_busy: float = math.nan  # receiver CPU / (wall x processes)
     wall_seconds: float = 0.0
     rate_limit: float | None = None
+    fast_endpoint_rate: float | None = None  # with --slow-endpoints: the others' deliveries/s
     db_status: dict[str, int] | None = None
     distinct_ids: int | None = None
     sig_checked: int = 0
@@ -155,8 +156,8 @@ COLUMNS: list[tuple[str, Callable[[ModeResult, dict[str, ModeResult]], str]]] = 
 
 
 def _ratio_cell(r: ModeResult, ref: ModeResult | None, pct: bool) -> str:
-    if ref is None or ref is r:
-        return "-"
+    if ref is None or ref is r or r.rate_limit:
+        return "-"  # a paced run's rate is the pace, not a capacity
     v = ratio(r.rate, ref.rate)
     if v is None:
         return "-"
@@ -178,7 +179,8 @@ def table(results: Sequence[ModeResult], info: RunInfo) -> str:
         "",
     ]
     for k, row in enumerate(rows):
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [c.ljust(w) if i == 0 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -186,6 +188,8 @@ def table(results: Sequence[ModeResult], info: RunInfo) -> str:
     for r in results:
         extra = f"; rate limit {r.rate_limit:,.0f}/s" if r.rate_limit else ""
         db = f"; db {r.db_status}" if r.db_status is not None else ""
+        if r.fast_endpoint_rate is not None:
+            db += f"; non-slow endpoints {r.fast_endpoint_rate:,.0f} deliv/s"
         lines.append(f"{r.label}: {r.setup}{extra}{db}; {r.latency_count:,} latencies, "
                      f"{r.sig_checked} signatures checked, {r.wall_seconds:.1f} s")
         for p in r.ledger.problems:
@@ -211,7 +215,8 @@ def to_json(results: Sequence[ModeResult], info: RunInfo) -> dict[str, Any]:
         for ref in ("baseline", "celery-noop", "engine"):
             other = by.get(ref)
             d[f"ratio_{ref.replace('-', '_')}"] = (
-                None if other is None or other is r else ratio(r.rate, other.rate)
+                None if other is None or other is r or r.rate_limit
+                else ratio(r.rate, other.rate)
             )
         for k, v in list(d.items()):
             if isinstance(v, float) and math.isnan(v):

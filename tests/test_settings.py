@@ -165,7 +165,7 @@ def test_retry_schedule_negative_delay_is_an_error(
     monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     monkeypatch.setenv("WEBHOOKS_RETRY_SCHEDULE", value)
-    with pytest.raises(ValidationError, match="finite, 0..2592000 seconds"):
+    with pytest.raises(ValidationError, match=r"finite, 0\.\.2592000 seconds"):
         Settings()
 
 

@@ -23,6 +23,10 @@ class InvalidSecret(InvalidEndpoint):
     """A signing secret that is not `whsec_` + base64 of at least 24 bytes."""
 
 
+class InvalidSignature(WebhookError, ValueError):
+    """A received webhook whose signature or timestamp does not check out."""
+
+
 class EndpointNotFound(WebhookError, LookupError):
     """No endpoint has that id."""
 

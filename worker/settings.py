@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     response_excerpt_bytes: int = Field(
         2048, ge=0, validation_alias=_env("WEBHOOKS_RESPONSE_EXCERPT_BYTES")
     )
-    max_payload_bytes: int = Field(262144, ge=2, validation_alias=_env("WEBHOOKS_MAX_PAYLOAD_BYTES"))
+    max_payload_bytes: int = Field(
+        262144, ge=2, validation_alias=_env("WEBHOOKS_MAX_PAYLOAD_BYTES")
+    )
     lease_seconds: float = Field(120.0, gt=0, validation_alias=_env("WEBHOOKS_LEASE_SECONDS"))
     flush_interval: float = Field(0.05, gt=0, validation_alias=_env("WEBHOOKS_FLUSH_INTERVAL"))
     flush_size: int = Field(500, ge=1, validation_alias=_env("WEBHOOKS_FLUSH_SIZE"))

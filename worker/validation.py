@@ -52,7 +52,9 @@ def encode_payload(event_data: Any, max_bytes: int) -> bytes:
     try:
         body = orjson.dumps(event_data)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidEvent("payload_not_json", f"event_data is not JSON-serialisable: {exc}") from exc
+        raise InvalidEvent(
+            "payload_not_json", f"event_data is not JSON-serialisable: {exc}"
+        ) from exc
     if len(body) > max_bytes:
         raise InvalidEvent(
             "payload_too_large", f"event_data is {len(body)} bytes; the limit is {max_bytes}"

@@ -94,7 +94,10 @@ class Store:
             return [_endpoint(row) for row in rows]
 
     async def subscribed_endpoints(self, event_type: str) -> list[Endpoint]:
-        """Enabled endpoints that take `event_type` (filtered here: JSON lists differ by dialect)."""
+        """Enabled endpoints that take `event_type`.
+
+        Filtered here rather than in SQL: JSON list operators differ by dialect.
+        """
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
             return [ep for ep in map(_endpoint, rows) if ep.subscribes_to(event_type)]
@@ -294,7 +297,8 @@ class Store:
                         update(endpoints)
                         .where(endpoints.c.id.in_(gone))
                         .values(enabled=False, updated_at=now,
-                                disabled_reason=f"receiver answered 410 Gone at {now:%Y-%m-%dT%H:%M:%SZ}")
+                                disabled_reason="receiver answered 410 Gone at "
+                                + now.isoformat(timespec="seconds"))
                     )
         except (OperationalError, DBAPIError, OSError) as exc:
             raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc

@@ -19,9 +19,9 @@ from worker.delivery.retry import next_delay, parse_retry_after
 
 # Statuses whose Retry-After is honoured ("slow down").
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
-TERMINAL_ERRORS = frozenset(
-    {ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.INVALID_SECRET, ErrorKind.ENDPOINT_DISABLED}
-)
+TERMINAL_ERRORS = frozenset({
+    ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.INVALID_SECRET, ErrorKind.ENDPOINT_DISABLED,
+})
 
 
 def classify(result: HttpResult, *, now: datetime | None = None) -> Outcome:

@@ -7,9 +7,10 @@ import binascii
 import hashlib
 import hmac
 import secrets as _secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 
-from worker.errors import InvalidSecret
+from worker.errors import InvalidSecret, InvalidSignature
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24
@@ -60,3 +61,23 @@ def webhook_headers(
         "webhook-signature": signature_header(keys, msg_id, timestamp, body),
         "content-type": "application/json",
     }
+
+
+def verify(
+    secret: str, headers: Mapping[str, str], body: bytes, *, tolerance: float = 300.0,
+    now: float | None = None,
+) -> None:
+    """Check a received webhook as a receiver would; raises InvalidSignature when it fails."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        msg_id = lowered["webhook-id"]
+        timestamp = int(lowered["webhook-timestamp"])
+        offered = lowered["webhook-signature"].split(" ")
+    except (KeyError, ValueError) as exc:
+        raise InvalidSignature(f"missing or malformed webhook headers: {exc}") from exc
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance:
+        raise InvalidSignature(f"timestamp {timestamp} is outside the ±{tolerance:.0f}s window")
+    expected = sign(secret_key(secret), msg_id, timestamp, body)
+    if not any(hmac.compare_digest(expected, candidate) for candidate in offered):
+        raise InvalidSignature("no signature matches")

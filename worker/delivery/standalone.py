@@ -24,7 +24,7 @@ class MemoryRecorder:
 
 
 async def deliver_all(
-    deliveries: Sequence[Delivery], settings: Settings, *, timeout: float | None = None
+    deliveries: Sequence[Delivery], settings: Settings, *, timeout: float | None = None  # noqa: ASYNC109
 ) -> list[AttemptRecord]:
     """Attempt each delivery once; returns one record per delivery, in completion order."""
     recorder = MemoryRecorder()

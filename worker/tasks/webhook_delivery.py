@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.result import AsyncResult
 from celery_batches import Batches, SimpleRequest
 
 from worker.celery_app import app, settings
@@ -109,7 +110,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
     acks_late=True,
 )
 def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
-    """Deliver one event to the endpoint `webhook_id`; called as `.delay(webhook_id, event_data)`."""
+    """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`."""
     items = [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
     try:
         report = _hand_over(items)
@@ -145,9 +146,15 @@ class ValidatedTask(Task):  # type: ignore[type-arg]
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *more: Any,
+        **options: Any,
+    ) -> AsyncResult[Any]:
         self.check_call(tuple(args or ()), dict(kwargs or {}))
-        return super().apply_async(args, kwargs, **options)
+        return super().apply_async(args, kwargs, *more, **options)
 
 
 class EventBatchTask(ValidatedTask):
@@ -212,7 +219,7 @@ def publish_webhook_event(
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Deliver `{type, timestamp, data}` to every enabled endpoint subscribed to `event_type`."""
-    message_id = self.request.id  # the request context is thread-local: read it here
+    message_id = str(self.request.id)  # the request context is thread-local: read it here
     try:
         runtime = get_runtime()
         intake = runtime.intake
