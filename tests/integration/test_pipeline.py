@@ -311,3 +311,23 @@ def test_a_killed_worker_loses_nothing(
                "30 resumed after the lease expired")
     ids = Counter(s.headers["webhook-id"] for s in receiver.requests_to(path))
     assert len(ids) == 30 and set(ids.values()) == {2}  # once per worker: same webhook-id
+
+
+def test_single_events_through_a_prefork_worker(
+    database_url: str, receiver: Receiver, start_worker: Any
+) -> None:
+    """Gathered batches run in pool children there, each child with its own engine."""
+    from worker.tasks.webhook_delivery import deliver_webhook_event
+
+    secret = generate_secret()
+    path = f"/ok/prefork-{time.time_ns()}"
+    ep = add_endpoint(database_url, "ep-prefork", receiver.url(path), secret)
+    worker = start_worker(database_url, pool="prefork")
+    for n in range(300):
+        deliver_webhook_event.delay(webhook_id=ep.id, event_data={"type": "t", "n": n})
+    wait_until(lambda: len(receiver.requests_to(path)) >= 300, 60, "300 deliveries")
+    seen = receiver.requests_to(path)
+    assert len({s.headers["webhook-id"] for s in seen}) == 300
+    StandardWebhook(secret).verify(seen[0].body, seen[0].headers)
+    wait_until(lambda: status_counts(database_url, ep.id)["succeeded"] == 300, 30, "recorded")
+    assert "Traceback" not in worker.log()

@@ -92,17 +92,26 @@ class EngineRuntime:
             await db.dispose()
             log.info("engine stopped in pid %d: %s", self.pid, self.dispatcher.stats)
 
-    def call(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
-        """Run a coroutine on the engine loop and wait for its result."""
+    def submit(
+        self, make: Callable[[], Awaitable[T]], timeout: float
+    ) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the engine loop, bounded by `timeout`; returns its future."""
         if self.loop is None or self._startup_error is not None or not self._ready.is_set():
             raise EngineUnavailable("engine is not running")
 
         async def run() -> T:
-            return await make()
+            try:
+                return await asyncio.wait_for(make(), timeout)
+            except TimeoutError as exc:
+                raise EngineUnavailable(f"engine did not finish within {timeout:.0f}s") from exc
 
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def call(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """Run a coroutine on the engine loop and wait for its result."""
+        future = self.submit(make, timeout)
         try:
-            return future.result(timeout)
+            return future.result(timeout + 1.0)
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
             raise EngineUnavailable(f"engine did not answer within {timeout:.0f}s") from exc

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery_batches import Batches, SimpleRequest
@@ -95,11 +96,55 @@ def _summary(report: AcceptReport) -> dict[str, Any]:
 
 
 class GatheredEvents(Batches):  # type: ignore[misc]
-    """Single-event messages gathered so one commit covers many of them."""
+    """Single-event messages gathered so one commit covers many of them.
+
+    In a prefork pool a gathered batch runs in a child like any task. In the solo pool the
+    batch would block the consumer while it commits; there the commit runs on the engine
+    loop and the messages are acknowledged on the consumer loop once it has landed.
+    """
+
+    _hub: Any = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         _producer_check(_single_event(args, kwargs))
         return super().apply_async(args, kwargs, **options)
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        if isinstance(consumer.pool, SoloPool) and consumer.hub is not None:
+            self._hub = consumer.hub
+            log.info("solo pool: gathered events commit beside the consumer, acked on landing")
+        return super().Strategy(task, app, consumer)
+
+    def flush(self, requests: Sequence[Any]) -> Any:
+        if self._hub is None:
+            return super().flush(requests)
+        simple = [SimpleRequest.from_request(r) for r in requests]
+        items = _gathered_items(simple)
+        try:
+            runtime = get_runtime()
+            intake = runtime.intake
+            assert intake is not None
+            future = runtime.submit(lambda: intake.accept(items), settings.accept_timeout)
+        except Exception as exc:  # not committed: keep the messages
+            self._settle(requests, simple, exc)
+            return None
+        hub = self._hub
+        future.add_done_callback(
+            lambda f: hub.call_soon(self._settle, requests, simple, f.exception()))
+        return None
+
+    @staticmethod
+    def _settle(requests: Sequence[Any], simple: list[SimpleRequest],
+                exc: BaseException | None) -> None:
+        """On the consumer loop: republish what did not commit, then acknowledge."""
+        if exc is not None:
+            _republish(simple, exc)
+        for request in requests:
+            request.acknowledge()
+
+
+def _gathered_items(requests: Sequence[SimpleRequest]) -> list[Incoming]:
+    return [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
 
 
 @app.task(
@@ -111,7 +156,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
 )
 def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
     """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`."""
-    items = [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
+    items = _gathered_items(requests)
     try:
         report = _hand_over(items)
     except Exception as exc:
