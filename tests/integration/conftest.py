@@ -123,7 +123,8 @@ class WorkerProcess:
     def start(self) -> None:
         schedule = self.log_path.with_suffix(".beat")
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B",
-               "--schedule", str(schedule), "--pool", self.pool, "--concurrency", "1" if self.pool == "solo" else "2",
+               "--schedule", str(schedule), "--pool", self.pool,
+               "--concurrency", "1" if self.pool == "solo" else "2",
                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log,
