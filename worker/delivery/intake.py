@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -131,10 +133,29 @@ class Intake:
         ])
 
     async def sweep(self) -> tuple[int, int]:
-        """Claim due deliveries (retries, expired leases) up to the free capacity."""
+        """Claim due deliveries (retries, expired leases) up to the free capacity, once."""
         room = min(self.dispatcher.free_capacity, self.settings.sweep_limit)
         if room <= 0:
             return 0, 0
         ready, dead = await self.store.claim_due(room, self.settings.lease_seconds)
         self.dispatcher.submit(ready)
         return len(ready), dead
+
+    async def sweep_for(self, seconds: float) -> tuple[int, int]:
+        """Keep claiming due deliveries as room frees up, for at most `seconds`.
+
+        A backlog (after an outage, say) then drains at delivery speed rather than one
+        sweep's worth per beat tick. Stops early once nothing more is due.
+        """
+        deadline = time.monotonic() + seconds
+        claimed = failed = 0
+        while time.monotonic() < deadline:
+            room = min(self.dispatcher.free_capacity, self.settings.sweep_limit)
+            if room < min(100, self.settings.sweep_limit):
+                await asyncio.sleep(0.05)
+                continue
+            got, dead = await self.sweep()
+            claimed, failed = claimed + got, failed + dead
+            if got + dead < room:
+                break
+        return claimed, failed

@@ -49,6 +49,7 @@ class EngineRuntime:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._sweep: concurrent.futures.Future[tuple[int, int]] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         self._thread = threading.Thread(target=self._run, name="webhooks-engine", daemon=True)
@@ -107,6 +108,17 @@ class EngineRuntime:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop)
 
+    def sweep_in_background(self) -> bool:
+        """Start a sweep on the engine loop unless one is running; returns whether it started."""
+        if self.loop is None or self.intake is None:
+            raise EngineUnavailable("engine is not running")
+        if self._sweep is not None and not self._sweep.done():
+            return False
+        intake, seconds = self.intake, max(self.settings.sweep_interval * 0.8, 0.1)
+        self._sweep = self.submit(lambda: intake.sweep_for(seconds), seconds + 30.0)
+        self._sweep.add_done_callback(_log_sweep)
+        return True
+
     def call(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
         """Run a coroutine on the engine loop and wait for its result."""
         future = self.submit(make, timeout)
@@ -126,6 +138,19 @@ class EngineRuntime:
         except RuntimeError:
             return  # loop already closed
         self._thread.join(timeout if timeout is not None else self.settings.shutdown_grace + 5)
+
+
+def _log_sweep(future: concurrent.futures.Future[tuple[int, int]]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        log.warning("retry sweep failed: %s: %s", type(exc).__name__, exc)
+        return
+    claimed, failed = future.result()
+    if claimed or failed:
+        log.info("retry sweep claimed %d due deliveries, failed %d for gone endpoints",
+                 claimed, failed)
 
 
 _runtime: EngineRuntime | None = None
