@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_CONNECT_TIMEOUT"))
     request_timeout: float = Field(15.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEST_TIMEOUT"))
     accept_timeout: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_ACCEPT_TIMEOUT"))
+    requeue_delay: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEUE_DELAY"))
     response_excerpt_bytes: int = Field(
         2048, ge=0, validation_alias=_env("WEBHOOKS_RESPONSE_EXCERPT_BYTES")
     )

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -103,16 +103,13 @@ class Intake:
         lease_until = now + timedelta(seconds=s.lease_seconds)
         inserted = await self.store.insert_intake(
             rows,
-            [(derived_id("msg", mid, "rejected"), r) for mid, r in rejections],
+            # "!" is not allowed in endpoint ids: a rejection's id cannot be a delivery's.
+            [(derived_id("msg", mid, "!rejected"), r) for mid, r in rejections],
             lease_until=lease_until,
             idempotency_cutoff=now - timedelta(seconds=s.idempotency_window),
         )
         lease_ts = lease_until.timestamp()
-        fresh = [
-            Delivery(id=d.id, endpoint_id=d.endpoint_id, url=d.url, secrets=d.secrets,
-                     payload=d.payload, event_type=d.event_type, lease_until=lease_ts)
-            for d in pending if d.id in inserted
-        ]
+        fresh = [replace(d, lease_until=lease_ts) for d in pending if d.id in inserted]
         self.dispatcher.submit(fresh)
         report.accepted = [d.id for d in fresh]
         report.duplicates = len(pending) - len(fresh)

@@ -34,7 +34,8 @@ log = logging.getLogger("webhooks.tasks")
 # Failures that mean "not committed, keep the message": never acknowledged as done.
 NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded)
 SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key")
-REPUBLISH_DELAY = 10.0
+# Backoff of a message that could not be committed is capped here.
+MAX_REQUEUE_DELAY = 60.0
 
 
 def _single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> EventIn:
@@ -129,8 +130,12 @@ class GatheredEvents(Batches):  # type: ignore[misc]
             self._settle(requests, simple, exc)
             return None
         hub = self._hub
-        future.add_done_callback(
-            lambda f: hub.call_soon(self._settle, requests, simple, f.exception()))
+
+        def landed(done: Any) -> None:
+            exc = EngineUnavailable("commit cancelled") if done.cancelled() else done.exception()
+            hub.call_soon(self._settle, requests, simple, exc)
+
+        future.add_done_callback(landed)
         return None
 
     @staticmethod
@@ -169,12 +174,14 @@ def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
 def _republish(requests: Sequence[SimpleRequest], exc: BaseException) -> None:
     """Hand the messages back to the broker under the same ids: gathered tasks are acked on
     return whatever happens, so this is how an uncommitted event stays in the broker."""
-    log.warning("could not commit %d events (%s); republishing them in %.0fs",
-                len(requests), exc, REPUBLISH_DELAY)
+    log.warning("could not commit %d events (%s: %s); republishing them in %.1fs",
+                len(requests), type(exc).__name__, exc, settings.requeue_delay)
     try:
         for r in requests:
-            deliver_webhook_event.apply_async(args=r.args, kwargs=r.kwargs, task_id=r.id,
-                                              countdown=REPUBLISH_DELAY)
+            # send_task, not apply_async: a malformed message goes back as it came, to be
+            # recorded as rejected once the database is back.
+            app.send_task("webhooks.deliver_event", args=r.args, kwargs=r.kwargs, task_id=r.id,
+                          countdown=settings.requeue_delay)
     except Exception:
         log.critical("could not republish %d events either; exiting without acknowledging "
                      "them so the broker redelivers them", len(requests), exc_info=True)
@@ -233,8 +240,8 @@ def deliver_webhook_events(self: Task, events: list[dict[str, Any]]) -> dict[str
 
 def _retry_later(task: Task, exc: Exception, count: int) -> Exception:  # type: ignore[type-arg]
     """A retry of the same message (same task id, so the same delivery ids) after a backoff."""
-    delay = min(5.0 * 2 ** min(task.request.retries, 4), 60.0)
-    log.warning("could not commit %d events (%s: %s); retrying in %.0fs", count,
+    delay = min(settings.requeue_delay * 2 ** min(task.request.retries, 4), MAX_REQUEUE_DELAY)
+    log.warning("could not commit %d events (%s: %s); retrying in %.1fs", count,
                 type(exc).__name__, exc, delay, exc_info=not isinstance(exc, NOT_COMMITTED))
     return task.retry(exc=exc, countdown=delay)
 
