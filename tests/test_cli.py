@@ -271,3 +271,18 @@ def test_deliveries_replay(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, out.split()[0]) == (0, "1")
     counts = _with_store(db, lambda s: s.status_counts())
     assert counts == {"pending": 4, "succeeded": 1, "rejected": 1}
+
+
+def test_deliveries_list_filters_by_status_and_endpoint(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _seed_deliveries(db)
+    code, out, _ = _run(capsys, "deliveries", "list", "--status", "failed", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert sorted(r["id"] for r in rows) == ["f1", "f2"]
+    assert all("payload" not in r for r in rows)
+    code, out, _ = _run(capsys, "deliveries", "list", "--endpoint", "nobody")
+    assert (code, out.strip()) == (0, "no deliveries")
+    code, out, _ = _run(capsys, "deliveries", "list", "--limit", "2")
+    assert code == 0 and len(out.splitlines()) == 2

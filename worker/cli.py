@@ -118,6 +118,22 @@ def cmd_deliveries_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_deliveries_list(args: argparse.Namespace, settings: Settings) -> int:
+    found = _with_store(settings, lambda store: store.list_deliveries(
+        status=args.status, endpoint_id=args.endpoint, limit=args.limit))
+    if args.json:
+        _print_json([{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+                     for row in found])
+        return 0
+    for row in found:
+        error = f"  {row['last_error']}" if row["last_error"] else ""
+        print(f"{row['id']}  {row['status']:<9} {row['endpoint_id']}  attempts {row['attempts']}"
+              f"  {row['created_at']:%Y-%m-%d %H:%M:%S}{error}")
+    if not found:
+        print("no deliveries")
+    return 0
+
+
 def cmd_deliveries_replay(args: argparse.Namespace, settings: Settings) -> int:
     if not args.id and not args.failed:
         raise WebhookError("name deliveries with --id, or pass --failed for every failed one")
@@ -173,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = dl.add_parser("stats", help="deliveries by status")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_deliveries_stats)
+    li = dl.add_parser("list", help="the newest deliveries")
+    li.add_argument("--status", choices=["pending", "succeeded", "failed", "rejected"])
+    li.add_argument("--endpoint")
+    li.add_argument("--limit", type=int, default=50)
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_deliveries_list)
     rp = dl.add_parser("replay", help="make failed deliveries pending again")
     rp.add_argument("--id", action="append", default=[])
     rp.add_argument("--failed", action="store_true", help="every failed delivery")

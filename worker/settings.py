@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO", validation_alias=_env("WEBHOOKS_LOG_LEVEL"))
+    stats_interval: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_STATS_INTERVAL"))
     # Set by systemd when stdout goes to the journal.
     journal_stream: str | None = Field(None, validation_alias=_env("JOURNAL_STREAM"))
 

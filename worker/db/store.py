@@ -351,6 +351,19 @@ class Store:
             )
         return int(result.rowcount)
 
+    async def list_deliveries(
+        self, *, status: str | None = None, endpoint_id: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest deliveries, optionally of one status and endpoint (payload left out)."""
+        columns = [c for c in deliveries.c if c.name not in ("payload", "locked_until")]
+        query = select(*columns).order_by(deliveries.c.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(deliveries.c.status == status)
+        if endpoint_id is not None:
+            query = query.where(deliveries.c.endpoint_id == endpoint_id)
+        async with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
     async def status_counts(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(

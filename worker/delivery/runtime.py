@@ -85,9 +85,11 @@ class EngineRuntime:
         self._ready.set()
         log.info("engine started in pid %d (in-flight bound %d, database %s)",
                  self.pid, s.max_in_flight, db.url.render_as_string(hide_password=True))
+        stats = asyncio.create_task(self._log_stats(), name="webhooks-stats")
         try:
             await self._stop.wait()
         finally:
+            stats.cancel()
             await self.dispatcher.drain(s.shutdown_grace)
             await sender.close()
             await db.dispose()
@@ -118,6 +120,20 @@ class EngineRuntime:
         self._sweep = self.submit(lambda: intake.sweep_for(seconds), seconds + 30.0)
         self._sweep.add_done_callback(_log_sweep)
         return True
+
+    async def _log_stats(self) -> None:
+        """One line a minute while there is work, for the journal."""
+        assert self.dispatcher is not None
+        dispatcher, last = self.dispatcher, dict(self.dispatcher.stats)
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            now = dict(dispatcher.stats)
+            if now != last or dispatcher.in_flight or dispatcher.queued:
+                log.info("engine: %d attempted, %d recorded (+%d), %d in flight, %d queued, "
+                         "%d lease lost, %d write failures", now["attempted"], now["recorded"],
+                         now["recorded"] - last["recorded"], dispatcher.in_flight,
+                         dispatcher.queued, now["lease_lost"], now["write_failures"])
+            last = now
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
         """Run a coroutine on the engine loop and wait for its result."""
