@@ -362,7 +362,7 @@ class Store:
         if endpoint_id is not None:
             query = query.where(deliveries.c.endpoint_id == endpoint_id)
         async with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in await conn.execute(query)]
+            return [row._asdict() for row in await conn.execute(query)]
 
     async def status_counts(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
