@@ -362,7 +362,8 @@ class Store:
         if endpoint_id is not None:
             query = query.where(deliveries.c.endpoint_id == endpoint_id)
         async with self.engine.connect() as conn:
-            return [row._asdict() for row in await conn.execute(query)]
+            rows = await conn.execute(query)
+            return [{str(k): v for k, v in row._mapping.items()} for row in rows]
 
     async def status_counts(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
