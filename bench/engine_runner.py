@@ -1,7 +1,8 @@
 """Engine mode: the delivery engine alone (``worker.delivery.standalone.deliver_all``) under uvloop.
 
 No broker, no database. Run as ``python -m bench.engine_runner '<json config>'``; prints
-one JSON line. After a warm-up call, ``deliver_all`` is called on successive chunks until
+one JSON line. The parent may run several, one per core, each with its own ``seq_start``.
+After a warm-up call and a go line on stdin, ``deliver_all`` is called on successive chunks until
 ``duration`` or ``events`` is reached (memory stays bounded by the chunk). Each event's
 ``bench.t`` is the moment its chunk was handed to the engine, so latency includes queueing
 inside the chunk.
@@ -75,20 +76,22 @@ async def _run(cfg: dict[str, Any]) -> dict[str, Any]:
         settings,
     )
     print("warm", file=sys.stderr, flush=True)
-    await asyncio.sleep(0.3)  # let the parent mark the start of the measured interval
+    # The parent starts the clock for every engine process at once, then writes a line.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     deadline = time.time() + duration
     succeeded = records = published = 0
+    first = int(cfg.get("seq_start", 0))
     t_first = time.time()
     while published < total and time.time() < deadline:
         end = min(total, published + chunk)
-        batch = build(published, end, time.time())
+        batch = build(first + published, first + end, time.time())
         results = await deliver_all(batch, settings)
         records += len(results)
         succeeded += sum(1 for res in results if is_success(res))
         published = end
     return {
         "published": published,
-        "ranges": [[0, published]] if published else [],
+        "ranges": [[first, first + published]] if published else [],
         "succeeded": succeeded,
         "failed": records - succeeded,
         "records": records,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,11 +26,18 @@ from bench.ledger import (
     steady_rate,
     steady_window,
 )
-from bench.procs import Children, Sampler, child_env, cpu_seconds, tool
+from bench.procs import (
+    Children,
+    Sampler,
+    child_env,
+    cpu_seconds,
+    foreign_cores,
+    foreign_cpu,
+    tool,
+)
 from bench.receiver import ReceiverPool, Snapshot
 from bench.report import BUCKET_SECONDS, ModeResult
 
-CELERY_MODES = ("single", "batch", "celery-noop", "baseline")
 ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline")
 WARMUP_EP_INDEX = 65000  # path /ep/65000: never a slow endpoint
 
@@ -237,26 +245,38 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
         pcfg = _producer_config(ctx, mode, rate)
         _warm_up(ctx, mode, pcfg, env, procs, logs)
         ctx.receiver.reset()
-        r.delete("bench:next", "bench:stop", "bench:done", "bench:ok", "bench:fail", "bench:lat")
+        r.delete("bench:next", "bench:stop", "bench:done", "bench:ok", "bench:fail", "bench:lat",
+                 "bench:ready", "bench:go")
         window_min = max(a.window, pcfg["chunk"] * (2 * len(procs) + 2))
-        r.set("bench:credit", window_min)
-        sampler.mark()
-        rcv_cpu0 = cpu_seconds(ctx.receiver.pids)
-        t0 = time.time()
+        r.set("bench:credit", 0)
         for _ in range(a.producers):
             producers.append(ctx.children.start(
                 [sys.executable, "-m", "bench.producer", orjson.dumps(pcfg).decode()],
                 env, stdout=subprocess.PIPE, stderr=None,
             ))
+        ready_by = time.time() + 60
+        while int(r.get("bench:ready") or 0) < a.producers:
+            if time.time() > ready_by or any(p.poll() is not None for p in producers):
+                raise RuntimeError("producers did not start")
+            time.sleep(0.02)
+        sampler.mark()
+        rcv_cpu0 = cpu_seconds(ctx.receiver.pids)
+        foreign0 = foreign_cpu()
+        t0 = time.time()
+        r.set("bench:credit", window_min)
+        r.set("bench:go", 1)
         bar = Progress(label, None)
         samples: list[tuple[float, int]] = [(t0, 0)]
+        recent: deque[tuple[float, int]] = deque(samples)
         stop_set = False
         while any(p.poll() is None for p in producers):
             time.sleep(0.1)
             now = time.time()
             done = count_done()
             samples.append((now, done))
-            recent = [s for s in samples if s[0] >= now - 2.0]
+            recent.append((now, done))
+            while len(recent) > 2 and recent[0][0] < now - 2.0:
+                recent.popleft()
             est = (done - recent[0][1]) / max(1e-3, now - recent[0][0])
             r.set("bench:credit", done + max(window_min, int(est * a.backlog_seconds)))
             bar.update(done, f"{est:,.0f}/s")
@@ -285,7 +305,10 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
         wall = time.time() - t0
         result.rate_limit = rate
         result.wall_seconds = wall
+        result.foreign_cores = foreign_cores(foreign0, wall)
         result.peak_rss_mb = usage.peak_rss_mb
+        result.rss_start_mb = usage.rss_at_mark / 2**20
+        result.rss_end_mb = usage.rss_at_end / 2**20
         result.cpu_per_1k = (usage.cpu_seconds / result.ledger.delivered * 1000.0
                              if result.ledger.delivered else math.nan)
         result.receiver_busy = ((cpu_seconds(ctx.receiver.pids) - rcv_cpu0)
@@ -438,11 +461,13 @@ def _series_from_samples(samples: Sequence[tuple[float, int]], t0: float) -> lis
 
 
 def run_engine_mode(ctx: Context) -> ModeResult:
-    """``deliver_all`` on pre-built deliveries in one process; no broker, no database."""
+    """``deliver_all`` on pre-built deliveries in ``--workers`` processes; no broker, no db."""
     a = ctx.args
     ctx.receiver.reset()
-    cfg = {
-        "events": a.events,
+    n_procs = max(1, a.workers)
+    per_proc = -(-a.events // n_procs)
+    base_cfg = {
+        "events": per_proc,
         "duration": a.duration,
         "chunk": a.engine_chunk,
         "pad": a.payload_pad,
@@ -455,40 +480,52 @@ def run_engine_mode(ctx: Context) -> ModeResult:
         "settings": {"max_in_flight": a.max_in_flight} if a.max_in_flight else {},
     }
     env = worker_env(ctx)
-    log = ctx.logdir / "engine.log"
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
     bar: Progress | None = None
     sampler: Sampler | None = None
     try:
-        with log.open("wb") as fh:
-            proc = ctx.children.start(
-                [sys.executable, "-m", "bench.engine_runner", orjson.dumps(cfg).decode()],
-                env, stdout=subprocess.PIPE, stderr=fh)
-        sampler = Sampler([proc.pid]).start()
+        for i in range(n_procs):
+            cfg = {**base_cfg, "seq_start": i * per_proc}
+            logs.append(ctx.logdir / f"engine{i}.log")
+            with logs[-1].open("wb") as fh:
+                procs.append(ctx.children.start(
+                    [sys.executable, "-m", "bench.engine_runner", orjson.dumps(cfg).decode()],
+                    env, stdout=subprocess.PIPE, stderr=fh, stdin=subprocess.PIPE))
+        sampler = Sampler([p.pid for p in procs]).start()
         deadline = time.time() + 90
-        while "warm" not in _tail(log) and proc.poll() is None:
+        while not all("warm" in _tail(log) for log in logs):
+            for p, log in zip(procs, logs, strict=True):
+                if p.poll() is not None:
+                    raise RuntimeError(f"engine runner failed:\n{_tail(log)}")
             if time.time() > deadline:
-                raise RuntimeError("engine warm-up did not finish in 90 s:\n" + _tail(log))
+                raise RuntimeError("engine warm-up did not finish in 90 s")
             time.sleep(0.05)
-        if proc.poll() not in (None, 0):
-            raise RuntimeError(f"engine runner failed:\n{_tail(log)}")
         sampler.mark()
         rcv_cpu0 = cpu_seconds(ctx.receiver.pids)
+        foreign0 = foreign_cpu()
         warm_seen = ctx.receiver.counts()[0]
         t0 = time.time()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
         bar = Progress("engine", None)
-        while proc.poll() is None:
+        while any(p.poll() is None for p in procs):
             time.sleep(0.1)
             bar.update(ctx.receiver.counts()[0] - warm_seen)
             if time.time() - t0 > a.duration + a.drain_timeout + 60:
                 raise RuntimeError("engine run exceeded its time bound")
-        out = _read_json(proc)
-        published = int(out["published"])
+        outs = [_read_json(p) for p in procs]
+        published = sum(int(o["published"]) for o in outs)
+        ranges = [rg for o in outs for rg in o["ranges"]]
+        succeeded = sum(int(o["succeeded"]) for o in outs)
+        records = sum(int(o["succeeded"]) + int(o["failed"]) for o in outs)
         facts: dict[str, Any] = {}
         drain = time.time() + 10
         while True:
             snap = ctx.receiver.snapshot()
-            facts = analyse(snap, out["ranges"], t0, a.slow_endpoints)
+            facts = analyse(snap, ranges, t0, a.slow_endpoints)
             if facts["seen"] >= published or time.time() > drain:
                 break
             time.sleep(0.2)
@@ -496,18 +533,19 @@ def run_engine_mode(ctx: Context) -> ModeResult:
         sampler = None
         wall = time.time() - t0
         ledger = build_ledger(published, facts["ok"], facts["failed"], facts["duplicates"],
-                              facts["phantom"], int(out["succeeded"]),
-                              int(out["succeeded"]) + int(out["failed"]), snap.sig_bad)
-        span = out["t_last"] - out["t_first"]
+                              facts["phantom"], succeeded, records, snap.sig_bad)
+        span = max(o["t_last"] for o in outs) - min(o["t_first"] for o in outs)
         return ModeResult(
             mode="engine", label="engine",
-            setup=f"1 process, deliver_all on chunks of {a.engine_chunk:,} under uvloop, "
-                  "no broker, no db",
+            setup=f"{n_procs} process(es), deliver_all on chunks of {a.engine_chunk:,} under "
+                  "uvloop, no broker, no db",
             ledger=ledger, rate=facts["rate"], fast_endpoint_rate=facts["fast_rate"],
             enqueue_rate=published / span if span > 0 else 0.0,
             series=facts["series"], distinct_ids=len(facts["ok_ids"]),
             sig_checked=snap.sig_ok + snap.sig_bad, wall_seconds=wall,
-            peak_rss_mb=usage.peak_rss_mb,
+            foreign_cores=foreign_cores(foreign0, wall),
+            peak_rss_mb=usage.peak_rss_mb, rss_start_mb=usage.rss_at_mark / 2**20,
+            rss_end_mb=usage.rss_at_end / 2**20,
             cpu_per_1k=(usage.cpu_seconds / ledger.delivered * 1000.0
                         if ledger.delivered else math.nan),
             receiver_busy=(cpu_seconds(ctx.receiver.pids) - rcv_cpu0)
@@ -519,8 +557,7 @@ def run_engine_mode(ctx: Context) -> ModeResult:
             bar.close()
         if sampler is not None:
             sampler.stop()
-        if proc is not None:
-            ctx.children.stop([proc], grace=2)
+        ctx.children.stop(procs, grace=2)
 
 
 def make_logdir() -> Path:

@@ -103,6 +103,8 @@ class Usage:
 
     cpu_seconds: float = 0.0
     peak_rss: dict[int, int] = field(default_factory=dict)
+    rss_at_mark: int = 0  # largest RSS of one process when the measured interval began
+    rss_at_end: int = 0  # ... and when it ended
 
     @property
     def peak_rss_mb(self) -> float:
@@ -119,6 +121,8 @@ class Sampler:
         self.cpu: dict[int, float] = {}
         self.cpu_base: dict[int, float] = {}
         self.peak: dict[int, int] = {}
+        self.rss_now: dict[int, int] = {}
+        self.rss_at_mark = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._lock = threading.Lock()
@@ -145,6 +149,7 @@ class Sampler:
                 continue
             with self._lock:
                 self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
+                self.rss_now[p.pid] = rss
                 self.cpu[p.pid] = t.user + t.system
                 self.cpu_base.setdefault(p.pid, 0.0)
 
@@ -153,6 +158,7 @@ class Sampler:
         self.sample()
         with self._lock:
             self.cpu_base = dict(self.cpu)
+            self.rss_at_mark = max(self.rss_now.values(), default=0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -171,7 +177,9 @@ class Sampler:
         self._thread.join(2)
         with self._lock:
             cpu = sum(v - self.cpu_base.get(pid, 0.0) for pid, v in self.cpu.items())
-            return Usage(cpu_seconds=cpu, peak_rss=dict(self.peak))
+            return Usage(cpu_seconds=cpu, peak_rss=dict(self.peak),
+                         rss_at_mark=self.rss_at_mark,
+                         rss_at_end=max(self.rss_now.values(), default=0))
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
@@ -182,3 +190,33 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
     return total
+
+
+SERVERS = ("redis-server", "postgres")
+
+
+def foreign_cpu() -> dict[int, float]:
+    """CPU seconds so far of every process outside this bench and its servers, by pid.
+
+    Used to show when something else was competing for the cores during a measurement.
+    """
+    ours = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        ours.update(p.pid for p in psutil.Process().children(recursive=True))
+    out: dict[int, float] = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        name = p.info["name"] or ""
+        t = p.info["cpu_times"]
+        if p.pid in ours or t is None or name.startswith(SERVERS):
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def foreign_cores(before: Mapping[int, float], seconds: float) -> float:
+    """Average cores used by foreign processes since ``before`` was taken."""
+    if seconds <= 0:
+        return 0.0
+    now = foreign_cpu()
+    used = sum(v - before.get(pid, 0.0) for pid, v in now.items())
+    return max(0.0, used) / seconds

@@ -3,7 +3,9 @@
 Run as ``python -m bench.producer '<json config>'``; prints one JSON line with what it
 published. Event numbers (``seq``) are claimed in chunks with ``INCRBY bench:next`` so any
 number of producers share one exact sequence; the parent grants ``bench:credit`` (publish
-up to that seq) to bound the backlog, and sets ``bench:stop`` to end the run.
+up to that seq) to bound the backlog, and sets ``bench:stop`` to end the run. Producers
+report ``bench:ready`` once imported and start on ``bench:go``, so their start-up cost is
+outside the measured interval.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             publish([(-1 - i, now) for i in range(start, min(n, start + chunk))])
         return {"warmup": n}
     publish = _publisher(cfg)
+    r.incr("bench:ready")  # imports done: the parent starts the clock when all are ready
+    give_up = time.time() + 120
+    while not r.exists("bench:go") and time.time() < give_up:
+        time.sleep(0.005)
     total = int(cfg["events"])
     chunk = int(cfg["chunk"])
     rate = float(cfg.get("rate") or 0.0)  # events/s for this producer, 0 = as fast as possible

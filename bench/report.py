@@ -30,9 +30,12 @@ class ModeResult:
     p99_ms: float = math.nan
     latency_count: int = 0
     peak_rss_mb: float = 0.0
+    rss_start_mb: float = 0.0  # largest worker RSS when measuring began, and when it ended
+    rss_end_mb: float = 0.0
     cpu_per_1k: float = math.nan
     receiver_busy: float = math.nan  # receiver CPU / (wall x processes)
     wall_seconds: float = 0.0
+    foreign_cores: float = 0.0  # cores used meanwhile by processes outside the bench
     rate_limit: float | None = None
     fast_endpoint_rate: float | None = None  # with --slow-endpoints: the others' deliveries/s
     db_status: dict[str, int] | None = None
@@ -93,7 +96,7 @@ def targets(results: Sequence[ModeResult], info: RunInfo) -> list[Target]:
             out.append(Target(name, f"needs {a} and {b}", "n/a"))
             return
         r = ratio(ra.rate, rb.rate)
-        measured = "-" if r is None else (f"{r * 100:.0f}%" if pct else f"{r:.1f}x")
+        measured = "-" if r is None else (f"{r * 100:.0f}%" if pct else f"{r:.2f}x")
         if ra.void or rb.void:
             status = "void"
         elif r is None:
@@ -123,6 +126,15 @@ def targets(results: Sequence[ModeResult], info: RunInfo) -> list[Target]:
             f"single p99 <= 100 ms at half max rate ({_fmt(half.rate_limit)}/s)",
             _fmt(half.p99_ms, 1, " ms"), status,
         ))
+    big = [r for r in results if r.mode in ("single", "batch") and r.ledger.published >= 100_000
+           and r.rss_start_mb]
+    if big:
+        growth = max((r.rss_end_mb - r.rss_start_mb) / r.rss_start_mb for r in big)
+        out.append(Target("worker RSS flat (+-10%) over a run of >= 100k events",
+                          f"{growth * 100:+.0f}%", "met" if abs(growth) <= 0.10 else "missed"))
+    else:
+        out.append(Target("worker RSS flat (+-10%) over a run of >= 100k events",
+                          "needs single/batch with >= 100k events", "n/a"))
     workers = [r for r in results if r.mode in ("single", "batch")]
     if workers:
         peak = max(r.peak_rss_mb for r in workers)
@@ -146,6 +158,7 @@ COLUMNS: list[tuple[str, Callable[[ModeResult, dict[str, ModeResult]], str]]] = 
     ("% noop", lambda r, b: _ratio_cell(r, b.get("celery-noop"), True)),
     ("% engine", lambda r, b: _ratio_cell(r, b.get("engine"), True)),
     ("rcv busy", lambda r, b: _fmt(r.receiver_busy * 100, 0, "%")),
+    ("other", lambda r, b: _fmt(r.foreign_cores, 2)),
     ("published", lambda r, b: _fmt(r.ledger.published)),
     ("deliv", lambda r, b: _fmt(r.ledger.delivered)),
     ("failed", lambda r, b: _fmt(r.ledger.failed)),
@@ -190,10 +203,15 @@ def table(results: Sequence[ModeResult], info: RunInfo) -> str:
         db = f"; db {r.db_status}" if r.db_status is not None else ""
         if r.fast_endpoint_rate is not None:
             db += f"; non-slow endpoints {r.fast_endpoint_rate:,.0f} deliv/s"
+        if r.rss_start_mb:
+            db += f"; worker RSS {r.rss_start_mb:.0f} -> {r.rss_end_mb:.0f} MB"
         lines.append(f"{r.label}: {r.setup}{extra}{db}; {r.latency_count:,} latencies, "
                      f"{r.sig_checked} signatures checked, {r.wall_seconds:.1f} s")
         for p in r.ledger.problems:
             lines.append(f"  VOID: {p}")
+        if r.foreign_cores >= 0.2:
+            lines.append(f"  WARNING: other processes used {r.foreign_cores:.2f} cores meanwhile; "
+                         "these figures are not clean")
     lines.append("")
     lines.append("targets (issue 4), measured in this run:")
     for t in targets(results, info):

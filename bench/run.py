@@ -12,7 +12,9 @@ import datetime as dt
 import os
 import secrets
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -22,6 +24,7 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import redis
 from sqlalchemy.engine import make_url
 
 from bench import db, report
@@ -30,10 +33,10 @@ from bench.modes import ALL_MODES, Context, make_logdir, run_celery_mode, run_en
 from bench.procs import Children
 from bench.receiver import ReceiverConfig, ReceiverPool, free_port, measure_capacity
 
-QUICK = {"events": 20_000, "duration": 3.0, "drain_timeout": 15.0, "warmup": 200,
-         "capacity_seconds": 1.0}
+QUICK = {"events": 20_000, "duration": 2.5, "drain_timeout": 15.0, "warmup": 100,
+         "capacity_seconds": 0.5, "engine_chunk": 5_000}
 FULL = {"events": 1_000_000, "duration": 25.0, "drain_timeout": 60.0, "warmup": 1000,
-        "capacity_seconds": 2.0}
+        "capacity_seconds": 2.0, "engine_chunk": 20_000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--duration", type=float, help="seconds of publishing per mode")
     size.add_argument("--drain-timeout", type=float, help="seconds to wait for stragglers")
     size.add_argument("--warmup", type=int, help="warm-up events before measuring")
-    size.add_argument("--engine-chunk", type=int, default=20_000,
+    size.add_argument("--engine-chunk", type=int,
                       help="deliveries per deliver_all call in the engine mode")
     size.add_argument("--capacity-seconds", type=float, help="receiver self-load duration")
     load = p.add_argument_group("load")
@@ -155,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         slow_endpoints=args.slow_endpoints, status_mix=args.status_mix,
     )
     pool: ReceiverPool | None = None
+    wanted = (args.modes.split(",") if args.modes else list(ALL_MODES)) if args.compare else [
+        args.mode]
+    if not args.receiver_capacity and set(wanted) - {"engine"}:
+        try:
+            redis.Redis.from_url(args.redis_url, socket_connect_timeout=3).ping()
+        except redis.RedisError as exc:
+            print(f"Redis is not reachable at {args.redis_url}: {exc}", file=sys.stderr)
+            return 1
     try:
         print(f"measuring the receiver ({args.receiver_procs} processes) ...", file=sys.stderr)
         clean = replace(rcfg, latency_ms=0.0, fail_ratio=0.0, slow_ratio=0.0, slow_endpoints=0,
@@ -176,17 +187,25 @@ def main(argv: list[str] | None = None) -> int:
             endpoint_urls=[rcfg.url(i) for i in range(args.endpoints)],
             warmup_url=f"http://127.0.0.1:{port}/ep/65000", logdir=make_logdir(),
         )
-        if args.compare:
-            modes = args.modes.split(",") if args.modes else list(ALL_MODES)
-        else:
-            modes = [args.mode]
+        modes = wanted
+        unknown = set(modes) - set(ALL_MODES)
+        if unknown:
+            raise SystemExit(f"unknown mode(s): {', '.join(sorted(unknown))}")
+        if {"single", "batch"} & set(modes):
+            db.check_disposable(ctx.db_url)
         results: list[report.ModeResult] = []
+        failures: list[str] = []
         for mode in modes:
             print(f"--- {mode}", file=sys.stderr)
-            if mode == "engine":
-                res = run_engine_mode(ctx)
-            else:
-                res = run_celery_mode(ctx, mode, rate=args.rate or None)
+            try:
+                if mode == "engine":
+                    res = run_engine_mode(ctx)
+                else:
+                    res = run_celery_mode(ctx, mode, rate=args.rate or None)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                failures.append(f"{mode}: FAILED: {exc}")
+                print(failures[-1], file=sys.stderr)
+                continue
             results.append(res)
             print(f"    {res.rate:,.0f} deliveries/s, ledger {res.ledger.verdict}",
                   file=sys.stderr)
@@ -196,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         if (args.compare and not args.no_half_rate and single is not None and not single.void
                 and single.rate > 0 and not args.rate and quiet):
             print("--- single@half", file=sys.stderr)
-            results.append(run_celery_mode(ctx, "single", rate=single.rate / 2,
-                                           label="single@half"))
+            try:
+                results.append(run_celery_mode(ctx, "single", rate=single.rate / 2,
+                                               label="single@half"))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                failures.append(f"single@half: FAILED: {exc}")
         faults = "".join([
             f", fail {args.fail_ratio:g}" if args.fail_ratio else "",
             f", slow {args.slow_ratio:g}x{args.slow_seconds:g}s" if args.slow_ratio else "",
@@ -212,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             command="python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         )
         print(report.table(results, info))
+        for line in failures:
+            print(line)
         if args.json:
             report.write_json(args.json, results, info)
         if args.plot:
             report.plot(args.plot, results)
         print(f"(worker logs: {ctx.logdir})", file=sys.stderr)
+        if failures:
+            return 1
         return 2 if any(r.void for r in results) else 0
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process", file=sys.stderr)
@@ -226,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         children.stop_all()
         if pool is not None:
             pool.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)  # the default SQLite database
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
