@@ -110,6 +110,10 @@ def main() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
+    from worker.delivery.runtime import tune_gc
+    from worker.settings import get_settings
+
+    tune_gc(get_settings().gc_threshold)  # as the worker's engine runs
     out = asyncio.run(_run(cfg))
     sys.stdout.write(orjson.dumps(out).decode() + "\n")
     sys.stdout.flush()

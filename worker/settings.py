@@ -92,6 +92,7 @@ class Settings(BaseSettings):
         86400.0, gt=0, validation_alias=_env("WEBHOOKS_IDEMPOTENCY_WINDOW")
     )
 
+    gc_threshold: int = Field(50_000, ge=0, validation_alias=_env("WEBHOOKS_GC_THRESHOLD"))
     log_level: str = Field("INFO", validation_alias=_env("WEBHOOKS_LOG_LEVEL"))
     stats_interval: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_STATS_INTERVAL"))
     # Set by systemd when stdout goes to the journal.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import threading
@@ -24,6 +25,21 @@ from worker.settings import Settings, get_settings
 
 log = logging.getLogger("webhooks.runtime")
 T = TypeVar("T")
+
+
+def tune_gc(threshold: int) -> None:
+    """Fewer collections in a process that allocates per request but keeps little.
+
+    Start-up objects are frozen out of every collection, and the youngest generation is
+    collected after `threshold` allocations instead of 700: measured with the bench, the
+    default settings cost about a third of the engine's CPU. 0 leaves Python's defaults.
+    """
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(threshold, second, third)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -52,6 +68,7 @@ class EngineRuntime:
         self._sweep: concurrent.futures.Future[tuple[int, int]] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        tune_gc(self.settings.gc_threshold)
         self._thread = threading.Thread(target=self._run, name="webhooks-engine", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
