@@ -39,6 +39,7 @@ from bench.receiver import ReceiverPool, Snapshot
 from bench.report import BUCKET_SECONDS, ModeResult
 
 ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline")
+RSS_FLAT_FROM = 100_000  # events delivered when the RSS-flatness target starts counting
 WARMUP_EP_INDEX = 65000  # path /ep/65000: never a slow endpoint
 
 
@@ -269,10 +270,13 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
         samples: list[tuple[float, int]] = [(t0, 0)]
         recent: deque[tuple[float, int]] = deque(samples)
         stop_set = False
+        rss_at_flat_start = 0  # the RSS target is "flat from 100k events on"
         while any(p.poll() is None for p in producers):
             time.sleep(0.1)
             now = time.time()
             done = count_done()
+            if not rss_at_flat_start and done >= RSS_FLAT_FROM:
+                rss_at_flat_start = sampler.current_rss()
             samples.append((now, done))
             recent.append((now, done))
             while len(recent) > 2 and recent[0][0] < now - 2.0:
@@ -309,6 +313,7 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
         result.peak_rss_mb = usage.peak_rss_mb
         result.rss_start_mb = usage.rss_at_mark / 2**20
         result.rss_end_mb = usage.rss_at_end / 2**20
+        result.rss_flat_start_mb = rss_at_flat_start / 2**20
         result.cpu_per_1k = (usage.cpu_seconds / result.ledger.delivered * 1000.0
                              if result.ledger.delivered else math.nan)
         result.receiver_busy = ((cpu_seconds(ctx.receiver.pids) - rcv_cpu0)

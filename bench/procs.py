@@ -153,6 +153,11 @@ class Sampler:
                 self.cpu[p.pid] = t.user + t.system
                 self.cpu_base.setdefault(p.pid, 0.0)
 
+    def current_rss(self) -> int:
+        """Largest RSS of one process at the latest sample."""
+        with self._lock:
+            return max(self.rss_now.values(), default=0)
+
     def mark(self) -> None:
         """Start of the measured interval: CPU used so far is not counted."""
         self.sample()

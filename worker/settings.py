@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # Engine
     max_in_flight: int = Field(1000, ge=1, validation_alias=_env("WEBHOOKS_MAX_IN_FLIGHT"))
     max_queued: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_MAX_QUEUED"))
+    park_limit: int = Field(500, ge=1, validation_alias=_env("WEBHOOKS_PARK_LIMIT"))
+    spill_delay: float = Field(5.0, ge=0, validation_alias=_env("WEBHOOKS_SPILL_DELAY"))
     per_endpoint_limit: int = Field(
         256, ge=1, validation_alias=_env("WEBHOOKS_PER_ENDPOINT_LIMIT")
     )

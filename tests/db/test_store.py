@@ -640,3 +640,55 @@ async def test_status_counts(store: Store) -> None:
         total = (await conn.execute(select(func.count()).select_from(deliveries))).scalar()
         assert total == 11
         assert (await conn.execute(select(func.count()).select_from(endpoints))).scalar() == 0
+
+
+async def test_release_makes_leased_deliveries_claimable_later(store: Store) -> None:
+    await store.add_endpoint(_ep("ep-a"))
+    await _intake(store, [_row("r1"), _row("r2"), _row("r3")])
+    later = _now() + timedelta(seconds=30)
+    await store.release(["r1", "r2"], later)
+    rows = await _all(store)
+    assert rows["r1"].locked_until is None and rows["r1"].next_attempt_at == later
+    assert rows["r3"].locked_until is not None  # not named: still leased
+    ready, _ = await store.claim_due(10, 60)
+    assert ready == []  # released ones are due only at `later`
+    await store.release([], later)  # nothing named: no statement, no error
+
+
+async def test_outcome_update_uses_the_primary_key_even_with_stale_statistics(
+    database_url: str, store: Store
+) -> None:
+    """Statistics taken when nothing was pending made the planner prefer the status index for
+    the per-row outcome UPDATE, which then walked every pending row: quadratic. The status
+    guard must not be indexable."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL planner question")
+    from sqlalchemy import event, text
+
+    await store.add_endpoint(_ep("ep-a"))
+    await _put(store, *({"id": f"s{n}", "status": "succeeded"} for n in range(3000)))
+    async with store.engine.begin() as conn:
+        await conn.execute(text("ANALYZE deliveries"))
+    await _put(store, *({"id": f"p{n}"} for n in range(3000)))
+
+    captured: list[tuple[str, Any]] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.startswith("UPDATE deliveries"):
+            captured.append((statement, params))
+
+    record = decide(Delivery(id="p1", endpoint_id="ep-a", url="u", secrets=(), payload=b"{}"),
+                    HttpResult(status_code=204), attempted_at=_now(), schedule=(), jitter=0,
+                    rand=0.5, max_retry_after=1)
+    event.listen(store.engine.sync_engine, "before_cursor_execute", spy)
+    try:
+        await store.record_attempts([record])
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", spy)
+    assert captured, "record_attempts issued no UPDATE"
+    statement, params = captured[0]
+    async with store.engine.connect() as conn:
+        one = params[0] if isinstance(params, list) else params
+        rows = await conn.exec_driver_sql("EXPLAIN " + statement, one)
+        plan = "\n".join(r[0] for r in rows)
+    assert "deliveries_pkey" in plan, plan

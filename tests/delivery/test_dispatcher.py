@@ -76,6 +76,7 @@ class FakeRecorder:
         self.records: list[AttemptRecord] = []
         self.batches: list[tuple[float, int]] = []  # (monotonic time, size) of each commit
         self.writing = asyncio.Event()
+        self.released: list[str] = []
 
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
         self.calls += 1
@@ -90,6 +91,9 @@ class FakeRecorder:
 
     def ids(self) -> list[str]:
         return [r.delivery.id for r in self.records]
+
+    async def release(self, ids: Sequence[str], due_at: object) -> None:
+        self.released.extend(ids)
 
 
 @pytest.fixture
@@ -179,6 +183,31 @@ async def test_slow_delivery_does_not_hold_back_the_others(
     await until(lambda: slow.id in recorder.ids(), 3)
     assert time.monotonic() - started >= 2.0
     assert len(recorder.records) == 101
+
+
+async def test_a_stuck_endpoint_spills_to_the_database_and_others_flow(
+    engine_settings, start_dispatcher, make_delivery, until
+):
+    sender = FakeSender(sleeping(0.001))
+    recorder = FakeRecorder()
+    settings = engine_settings(max_in_flight=10, per_endpoint_limit=2, park_limit=3,
+                               max_queued=30)
+    dispatcher = start_dispatcher(settings, sender, recorder)
+    stuck = [make_delivery(endpoint_id="ep-stuck") for _ in range(40)]
+    for d in stuck:
+        sender.by_id[d.id] = sleeping(10.0)
+    others = [make_delivery(endpoint_id=f"ep-fine-{n % 50}") for n in range(100)]
+
+    dispatcher.submit(stuck)
+    await until(lambda: len(recorder.released) == 35, 2)  # 40 - 2 in flight - 3 parked
+    assert dispatcher.queued == 3 and dispatcher.in_flight == 2
+    assert dispatcher.stats["spilled"] == 35
+    assert set(recorder.released) == {d.id for d in stuck[5:]}
+    # The queue bound still has room: intake is not held up by the stuck endpoint.
+    assert await dispatcher.wait_for_room(20, timeout=0.1)
+    dispatcher.submit(others)
+    await until(lambda: {d.id for d in others} <= set(recorder.ids()), 2)
+    assert dispatcher.stats["spilled"] == 35  # the healthy endpoints spilled nothing
 
 
 # -- writing outcomes --------------------------------------------------------------------------

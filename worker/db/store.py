@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -268,17 +268,22 @@ class Store:
                 "b_id": r.delivery.id,
                 "b_status": r.next_status.value,
                 "b_attempts": r.attempt_number,
+                "b_prev": r.attempt_number - 1,
                 "b_next": r.next_attempt_at,
                 "b_code": r.result.status_code,
                 "b_error": r.outcome.error,
             }
             for r in records
         ]
-        # Only a pending row moves: a late writer whose lease expired cannot undo a success.
+        # Only a pending row with no newer attempt moves: a late writer whose lease expired
+        # cannot undo another worker's record. The status test is written so no index can
+        # serve it: with stale statistics the planner otherwise picked the status index over
+        # the primary key and every row's UPDATE walked all pending rows (quadratic).
         move = (
             update(deliveries)
             .where(and_(deliveries.c.id == bindparam("b_id"),
-                        deliveries.c.status == DeliveryStatus.PENDING.value))
+                        deliveries.c.attempts == bindparam("b_prev"),
+                        (deliveries.c.status == DeliveryStatus.PENDING.value).is_(true())))
             .values(
                 status=bindparam("b_status"), attempts=bindparam("b_attempts"),
                 next_attempt_at=bindparam("b_next"), locked_until=None,
@@ -302,6 +307,21 @@ class Store:
                     )
         except (OperationalError, DBAPIError, OSError) as exc:
             raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc
+
+    async def release(self, ids: Sequence[str], due_at: datetime) -> None:
+        """Give leased pending deliveries back to the database, due again at `due_at`."""
+        if not ids:
+            return
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_(list(ids)),
+                           deliveries.c.status == DeliveryStatus.PENDING.value)
+                    .values(locked_until=None, next_attempt_at=due_at, updated_at=utcnow())
+                )
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(f"could not release {len(ids)} deliveries: {exc}") from exc
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Two bounds: `max_in_flight` attempts in all, `per_endpoint_limit` per endpoint. A delivery
 whose endpoint is at its limit is parked without holding a global slot, so a slow endpoint
-never starves the others.
+never starves the others. Past `park_limit` parked for one endpoint, deliveries go back to
+the database (due again after `spill_delay`), so a slow endpoint cannot fill the queue either.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from worker.delivery.models import AttemptRecord, Delivery, HttpResult
@@ -31,6 +32,8 @@ FINAL_WRITE_TRIES = 3
 
 class Recorder(Protocol):
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None: ...
+
+    async def release(self, ids: Sequence[str], due_at: datetime) -> None: ...
 
 
 class Sends(Protocol):
@@ -64,11 +67,13 @@ class Dispatcher:
         self._per_endpoint: dict[str, int] = {}
         self._parked: dict[str, deque[Delivery]] = {}
         self._parked_count = 0
+        self._spilled: list[str] = []
         self._dispatch_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._accepting = True
         self._closing = False
-        self.stats = {"attempted": 0, "recorded": 0, "lease_lost": 0, "write_failures": 0}
+        self.stats = {"attempted": 0, "recorded": 0, "lease_lost": 0, "write_failures": 0,
+                      "spilled": 0}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -110,13 +115,22 @@ class Dispatcher:
         return len(self._attempts)
 
     @property
+    def backlog(self) -> int:
+        """Work held in memory: deliveries waiting to be sent, outcomes waiting to be written."""
+        return self.queued + len(self._unwritten)
+
+    @property
     def free_capacity(self) -> int:
-        return max(self.settings.max_queued - self.queued, 0)
+        return max(self.settings.max_queued - self.backlog, 0)
 
     async def wait_for_room(self, count: int, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait until `count` more deliveries fit the queue bound (an empty queue takes any)."""
+        """Wait until `count` more deliveries fit the backlog bound (an empty one takes any).
+
+        Unwritten outcomes count too: when the database falls behind, intake waits for it
+        instead of memory growing.
+        """
         deadline = time.monotonic() + timeout
-        while self.queued and self.queued + count > self.settings.max_queued:
+        while self.backlog and self.backlog + count > self.settings.max_queued:
             self._room.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -143,12 +157,19 @@ class Dispatcher:
             delivery = await self._queue.get()
             endpoint = delivery.endpoint_id
             if self._per_endpoint.get(endpoint, 0) >= limit:
-                self._parked.setdefault(endpoint, deque()).append(delivery)
-                self._parked_count += 1
+                parked = self._parked.setdefault(endpoint, deque())
+                if len(parked) < self.settings.park_limit:
+                    parked.append(delivery)
+                    self._parked_count += 1
+                else:
+                    self._spilled.append(delivery.id)
+                    self._flush_now.set()
                 self._slots.release()
+                if self.backlog < self.settings.max_queued:
+                    self._room.set()
                 continue
             self._start(delivery)
-            if self.queued < self.settings.max_queued:
+            if self.backlog < self.settings.max_queued:
                 self._room.set()
 
     def _start(self, delivery: Delivery) -> None:
@@ -203,11 +224,17 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._flush_now.wait(), backoff)
                 self._flush_now.clear()
+            if self._spilled:
+                await self._release_spilled()
             if not self._unwritten:
                 if self._closing:
                     return
                 continue
-            batch, self._unwritten = self._unwritten, []
+            # Bounded transactions: a backlog is written as several, never as one huge one.
+            batch = self._unwritten[: self.settings.flush_size]
+            del self._unwritten[: len(batch)]
+            if self._unwritten:
+                self._flush_now.set()
             try:
                 await self._recorder.record_attempts(batch)
             except Exception as exc:
@@ -227,9 +254,21 @@ class Dispatcher:
                 continue
             backoff = self.settings.flush_interval
             self.stats["recorded"] += len(batch)
+            if self.backlog < self.settings.max_queued:
+                self._room.set()
             if self._on_record is not None:
                 for record in batch:
                     self._on_record(record)
+
+    async def _release_spilled(self) -> None:
+        ids, self._spilled = self._spilled, []
+        due_at = datetime.now(UTC) + timedelta(seconds=self.settings.spill_delay)
+        try:
+            await self._recorder.release(ids, due_at)
+        except Exception as exc:  # their leases expire and the sweep resumes them anyway
+            log.warning("could not release %d parked deliveries (leases will): %s", len(ids), exc)
+            return
+        self.stats["spilled"] += len(ids)
 
     def _trim_unwritten(self) -> None:
         if len(self._unwritten) > MAX_UNWRITTEN:

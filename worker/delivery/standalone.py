@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime
 
 from worker.delivery.dispatcher import Dispatcher
 from worker.delivery.models import AttemptRecord, Delivery
@@ -22,6 +23,9 @@ class MemoryRecorder:
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
         self.records.extend(records)
 
+    async def release(self, ids: Sequence[str], due_at: datetime) -> None:
+        raise RuntimeError("no database to give deliveries back to")
+
 
 async def deliver_all(
     deliveries: Sequence[Delivery], settings: Settings, *, timeout: float | None = None  # noqa: ASYNC109
@@ -35,6 +39,8 @@ async def deliver_all(
         if len(recorder.records) >= expected:
             done.set()
 
+    # Nothing can go back to a database here: park everything that waits.
+    settings = settings.model_copy(update={"park_limit": max(expected, 1)})
     async with Sender(settings) as sender:
         dispatcher = Dispatcher(settings, sender, recorder, on_record=on_record)
         dispatcher.start()
