@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_queued: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_MAX_QUEUED"))
     park_limit: int = Field(500, ge=1, validation_alias=_env("WEBHOOKS_PARK_LIMIT"))
     spill_delay: float = Field(5.0, ge=0, validation_alias=_env("WEBHOOKS_SPILL_DELAY"))
+    slow_endpoint_seconds: float = Field(
+        1.0, gt=0, validation_alias=_env("WEBHOOKS_SLOW_ENDPOINT_SECONDS")
+    )
     per_endpoint_limit: int = Field(
         256, ge=1, validation_alias=_env("WEBHOOKS_PER_ENDPOINT_LIMIT")
     )

@@ -191,23 +191,56 @@ async def test_a_stuck_endpoint_spills_to_the_database_and_others_flow(
     sender = FakeSender(sleeping(0.001))
     recorder = FakeRecorder()
     settings = engine_settings(max_in_flight=10, per_endpoint_limit=2, park_limit=3,
-                               max_queued=30)
+                               max_queued=30, slow_endpoint_seconds=0.2)
     dispatcher = start_dispatcher(settings, sender, recorder)
     stuck = [make_delivery(endpoint_id="ep-stuck") for _ in range(40)]
     for d in stuck:
         sender.by_id[d.id] = sleeping(10.0)
     others = [make_delivery(endpoint_id=f"ep-fine-{n % 50}") for n in range(100)]
 
-    dispatcher.submit(stuck)
-    await until(lambda: len(recorder.released) == 35, 2)  # 40 - 2 in flight - 3 parked
+    dispatcher.submit(stuck[:5])  # 2 in flight, 3 parked: not slow yet
+    await asyncio.sleep(0.3)  # no progress for longer than slow_endpoint_seconds
+    dispatcher.submit(stuck[5:])
+    await until(lambda: len(recorder.released) == 35, 2)
     assert dispatcher.queued == 3 and dispatcher.in_flight == 2
     assert dispatcher.stats["spilled"] == 35
     assert set(recorder.released) == {d.id for d in stuck[5:]}
-    # The queue bound still has room: intake is not held up by the stuck endpoint.
+    # The backlog bound still has room: intake is not held up by the stuck endpoint.
     assert await dispatcher.wait_for_room(20, timeout=0.1)
     dispatcher.submit(others)
     await until(lambda: {d.id for d in others} <= set(recorder.ids()), 2)
     assert dispatcher.stats["spilled"] == 35  # the healthy endpoints spilled nothing
+
+
+async def test_an_endpoint_turning_slow_gives_back_its_excess_when_intake_waits(
+    engine_settings, start_dispatcher, make_delivery, until
+):
+    sender = FakeSender(sleeping(10.0))
+    recorder = FakeRecorder()
+    settings = engine_settings(max_in_flight=10, per_endpoint_limit=2, park_limit=3,
+                               max_queued=30, slow_endpoint_seconds=0.2)
+    dispatcher = start_dispatcher(settings, sender, recorder)
+    dispatcher.submit([make_delivery(endpoint_id="ep-stuck") for _ in range(30)])
+    await until(lambda: dispatcher.queued == 28, 1)  # all parked while it looked healthy
+    assert not await dispatcher.wait_for_room(10, timeout=0.05)  # still looks healthy
+    await asyncio.sleep(0.3)
+    assert await dispatcher.wait_for_room(10, timeout=1)  # slow now: the excess went back
+    assert dispatcher.queued == 3
+    await until(lambda: len(recorder.released) == 25, 1)
+
+
+async def test_a_busy_healthy_endpoint_is_never_spilled(
+    engine_settings, start_dispatcher, make_delivery, until
+):
+    sender = FakeSender(sleeping(0.01))
+    recorder = FakeRecorder()
+    settings = engine_settings(max_in_flight=10, per_endpoint_limit=2, park_limit=3,
+                               max_queued=500, slow_endpoint_seconds=0.2)
+    dispatcher = start_dispatcher(settings, sender, recorder)
+    busy = [make_delivery(endpoint_id="ep-busy") for _ in range(100)]
+    dispatcher.submit(busy)
+    await until(lambda: len(recorder.records) == 100, 5)
+    assert recorder.released == [] and dispatcher.stats["spilled"] == 0
 
 
 # -- writing outcomes --------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Two bounds: `max_in_flight` attempts in all, `per_endpoint_limit` per endpoint. A delivery
 whose endpoint is at its limit is parked without holding a global slot, so a slow endpoint
-never starves the others. Past `park_limit` parked for one endpoint, deliveries go back to
-the database (due again after `spill_delay`), so a slow endpoint cannot fill the queue either.
+never starves the others. Past `park_limit` parked for a *slow* endpoint (its attempts take,
+or it has made no progress for, over `slow_endpoint_seconds`), deliveries go back to the
+database (due again after `spill_delay`), so it cannot fill the backlog and hold up intake
+for everyone. A busy but healthy endpoint keeps its deliveries; intake waits for it instead.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Dispatcher:
         self._parked: dict[str, deque[Delivery]] = {}
         self._parked_count = 0
         self._spilled: list[str] = []
+        self._latency: dict[str, float] = {}  # per endpoint: smoothed attempt duration, s
+        self._progress: dict[str, float] = {}  # per busy endpoint: last start/finish (monotonic)
         self._dispatch_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._accepting = True
@@ -131,6 +135,10 @@ class Dispatcher:
         """
         deadline = time.monotonic() + timeout
         while self.backlog and self.backlog + count > self.settings.max_queued:
+            for endpoint in [e for e in self._parked if self._is_slow(e)]:
+                self._spill_excess(endpoint)
+            if self.backlog + count <= self.settings.max_queued:
+                break
             self._room.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -158,12 +166,12 @@ class Dispatcher:
             endpoint = delivery.endpoint_id
             if self._per_endpoint.get(endpoint, 0) >= limit:
                 parked = self._parked.setdefault(endpoint, deque())
-                if len(parked) < self.settings.park_limit:
+                if len(parked) < self.settings.park_limit or not self._is_slow(endpoint):
                     parked.append(delivery)
                     self._parked_count += 1
                 else:
                     self._spilled.append(delivery.id)
-                    self._flush_now.set()
+                    self._spill_excess(endpoint)
                 self._slots.release()
                 if self.backlog < self.settings.max_queued:
                     self._room.set()
@@ -172,8 +180,23 @@ class Dispatcher:
             if self.backlog < self.settings.max_queued:
                 self._room.set()
 
+    def _spill_excess(self, endpoint: str) -> None:
+        """Send a slow endpoint's parked deliveries past `park_limit` back to the database."""
+        parked = self._parked.get(endpoint)
+        while parked and len(parked) > self.settings.park_limit:
+            self._spilled.append(parked.pop().id)
+            self._parked_count -= 1
+        if self._spilled:
+            self._flush_now.set()
+
+    def _is_slow(self, endpoint: str) -> bool:
+        threshold = self.settings.slow_endpoint_seconds
+        idle = time.monotonic() - self._progress.get(endpoint, time.monotonic())
+        return idle > threshold or self._latency.get(endpoint, 0.0) > threshold
+
     def _start(self, delivery: Delivery) -> None:
         endpoint = delivery.endpoint_id
+        self._progress.setdefault(endpoint, time.monotonic())
         self._per_endpoint[endpoint] = self._per_endpoint.get(endpoint, 0) + 1
         task = asyncio.create_task(self._attempt(delivery))
         self._attempts.add(task)
@@ -184,8 +207,12 @@ class Dispatcher:
         running = self._per_endpoint[endpoint] - 1
         if running:
             self._per_endpoint[endpoint] = running
+            self._progress[endpoint] = time.monotonic()
         else:
             del self._per_endpoint[endpoint]
+            if endpoint not in self._parked:
+                self._progress.pop(endpoint, None)
+                self._latency.pop(endpoint, None)
         parked = self._parked.get(endpoint)
         if parked and self._accepting:
             # The endpoint's freed place goes to its oldest parked delivery, slot and all.
@@ -204,6 +231,10 @@ class Dispatcher:
             self.stats["lease_lost"] += 1  # another worker may own it now; the sweep decides
             return
         result = await self._sender.send(delivery)
+        seconds = result.duration_ms / 1000.0
+        previous = self._latency.get(delivery.endpoint_id)
+        self._latency[delivery.endpoint_id] = (
+            seconds if previous is None else previous + 0.2 * (seconds - previous))
         s = self.settings
         record = decide(
             delivery, result, attempted_at=datetime.now(UTC), schedule=s.retry_schedule,
