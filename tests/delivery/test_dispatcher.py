@@ -638,3 +638,20 @@ async def test_a_crashing_send_frees_its_slot(engine_settings, start_dispatcher,
     await until(lambda: len(recorder.records) == 3, 2)
     assert sorted(recorder.ids()) == sorted(d.id for d in good)
     assert dispatcher.in_flight == 0
+
+
+async def test_an_endpoint_working_one_at_a_time_is_not_taken_for_slow(
+    engine_settings, start_dispatcher, make_delivery, until
+):
+    """Progress counts every completion, also the ones that leave the endpoint idle for a
+    moment before its next parked delivery starts."""
+    sender = FakeSender(sleeping(0.05))
+    recorder = FakeRecorder()
+    settings = engine_settings(max_in_flight=10, per_endpoint_limit=1, park_limit=2,
+                               max_queued=500, slow_endpoint_seconds=0.3)
+    dispatcher = start_dispatcher(settings, sender, recorder)
+    dispatcher.submit([make_delivery(endpoint_id="ep-serial") for _ in range(20)])
+    await asyncio.sleep(0.6)  # ~12 done, one at a time, each within 0.05 s
+    dispatcher.submit([make_delivery(endpoint_id="ep-serial") for _ in range(10)])
+    await until(lambda: len(recorder.records) == 30, 5)
+    assert recorder.released == [] and dispatcher.stats["spilled"] == 0

@@ -204,10 +204,10 @@ class Dispatcher:
 
     def _finished(self, task: asyncio.Task[None], endpoint: str) -> None:
         self._attempts.discard(task)
+        self._progress[endpoint] = time.monotonic()  # every completion is progress
         running = self._per_endpoint[endpoint] - 1
         if running:
             self._per_endpoint[endpoint] = running
-            self._progress[endpoint] = time.monotonic()
         else:
             del self._per_endpoint[endpoint]
             if endpoint not in self._parked:
