@@ -173,12 +173,14 @@ class Dispatcher:
                     self._spilled.append(delivery.id)
                     self._spill_excess(endpoint)
                 self._slots.release()
-                if self.backlog < self.settings.max_queued:
-                    self._room.set()
-                continue
-            self._start(delivery)
-            if self.backlog < self.settings.max_queued:
-                self._room.set()
+            else:
+                self._start(delivery)
+            self._signal_room()
+
+    def _signal_room(self) -> None:
+        """Wake intake waiting in `wait_for_room` once the backlog is under its bound."""
+        if self.backlog < self.settings.max_queued:
+            self._room.set()
 
     def _spill_excess(self, endpoint: str) -> None:
         """Send a slow endpoint's parked deliveries past `park_limit` back to the database."""
@@ -285,8 +287,7 @@ class Dispatcher:
                 continue
             backoff = self.settings.flush_interval
             self.stats["recorded"] += len(batch)
-            if self.backlog < self.settings.max_queued:
-                self._room.set()
+            self._signal_room()
             if self._on_record is not None:
                 for record in batch:
                     self._on_record(record)

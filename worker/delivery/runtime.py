@@ -127,13 +127,18 @@ class EngineRuntime:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop)
 
-    def sweep_in_background(self) -> bool:
-        """Start a sweep on the engine loop unless one is running; returns whether it started."""
+    def running_intake(self) -> Intake:
+        """The engine's intake; EngineUnavailable when the engine is not running."""
         if self.loop is None or self.intake is None:
             raise EngineUnavailable("engine is not running")
+        return self.intake
+
+    def sweep_in_background(self) -> bool:
+        """Start a sweep on the engine loop unless one is running; returns whether it started."""
+        intake = self.running_intake()
         if self._sweep is not None and not self._sweep.done():
             return False
-        intake, seconds = self.intake, max(self.settings.sweep_interval * 0.8, 0.1)
+        seconds = max(self.settings.sweep_interval * 0.8, 0.1)
         self._sweep = self.submit(lambda: intake.sweep_for(seconds), seconds + 30.0)
         self._sweep.add_done_callback(_log_sweep)
         return True

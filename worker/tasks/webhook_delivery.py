@@ -82,8 +82,7 @@ def _incoming(message_id: str, parse: Any, *raw: Any) -> Incoming:
 
 def _hand_over(items: Sequence[Incoming]) -> AcceptReport:
     runtime = get_runtime()
-    intake = runtime.intake
-    assert intake is not None
+    intake = runtime.running_intake()
     return runtime.call(lambda: intake.accept(items), settings.accept_timeout)
 
 
@@ -123,8 +122,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
         items = _gathered_items(simple)
         try:
             runtime = get_runtime()
-            intake = runtime.intake
-            assert intake is not None
+            intake = runtime.running_intake()
             future = runtime.submit(lambda: intake.accept(items), settings.accept_timeout)
         except Exception as exc:  # not committed: keep the messages
             self._settle(requests, simple, exc)
@@ -274,8 +272,7 @@ def publish_webhook_event(
     message_id = str(self.request.id)  # the request context is thread-local: read it here
     try:
         runtime = get_runtime()
-        intake = runtime.intake
-        assert intake is not None
+        intake = runtime.running_intake()
         report = runtime.call(
             lambda: intake.fan_out(message_id, event_type, data, idempotency_key),
             settings.accept_timeout,
