@@ -38,7 +38,7 @@ def is_success(result: Any) -> bool:
 
 
 async def _run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from worker.delivery.models import Delivery
+    from worker.core.models import Delivery
     from worker.delivery.standalone import deliver_all
     from worker.settings import Settings
 
@@ -110,7 +110,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    from worker.delivery.runtime import tune_gc
+    from worker.delivery.loop import tune_gc
     from worker.settings import get_settings
 
     tune_gc(get_settings().gc_threshold)  # as the worker's engine runs

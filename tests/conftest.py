@@ -80,7 +80,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[object]:
     """A Store over `database_url`, on the test's own event loop."""
-    from worker.db.engine import create_engine
+    from worker.db.connection import create_engine
     from worker.db.store import Store
     from worker.settings import Settings
 

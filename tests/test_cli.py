@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import insert
 
 from worker.cli import main
-from worker.db.engine import create_engine
+from worker.core.signing import generate_secret, secret_key
+from worker.db.connection import create_engine
 from worker.db.schema import deliveries
 from worker.db.store import Store
-from worker.delivery.signing import generate_secret, secret_key
 from worker.settings import Settings, get_settings
 
 

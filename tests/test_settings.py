@@ -47,7 +47,6 @@ def test_defaults_without_environment() -> None:
     s = Settings()
     assert s.broker_url == "redis://localhost:6379/0"
     assert s.retry_schedule == DEFAULT_RETRY_SCHEDULE
-    assert s.max_attempts == 4
     assert s.allowed_networks == ()
     assert (s.task_soft_time_limit, s.task_time_limit, s.visibility_timeout) == (240, 300, 3600)
     assert (s.request_timeout, s.lease_seconds) == (15.0, 120.0)
@@ -148,7 +147,6 @@ def test_retry_schedule_presets_and_lists(
     monkeypatch.setenv("WEBHOOKS_RETRY_SCHEDULE", value)
     s = Settings()
     assert s.retry_schedule == expected
-    assert s.max_attempts == 1 + len(expected)
 
 
 @pytest.mark.parametrize("value", ["fast", "Default", "1,,2", "1;2", "1,two", "1,", "30s"])
@@ -177,16 +175,6 @@ def test_retry_schedule_non_finite_delay_is_an_error(
     monkeypatch.setenv("WEBHOOKS_RETRY_SCHEDULE", value)
     with pytest.raises(ValidationError):
         Settings()
-
-
-@pytest.mark.parametrize(
-    ("schedule", "attempts"),
-    [((), 1), ((1.0,), 2), (DEFAULT_RETRY_SCHEDULE, 4), (STANDARD_RETRY_SCHEDULE, 10)],
-)
-def test_max_attempts_is_one_plus_the_number_of_retries(
-    schedule: tuple[float, ...], attempts: int
-) -> None:
-    assert Settings(retry_schedule=schedule).max_attempts == attempts
 
 
 # --- model validators --------------------------------------------------------------------

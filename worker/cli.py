@@ -11,14 +11,14 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.db.engine import create_engine
+from worker.core.errors import WebhookError
+from worker.core.ids import new_id
+from worker.core.models import Endpoint
+from worker.core.signing import generate_secret, secret_key
+from worker.core.validation import validate_endpoint_id, validate_event_types, validate_url
+from worker.db.connection import create_engine
 from worker.db.store import Store
-from worker.delivery.models import Endpoint
-from worker.delivery.signing import generate_secret, secret_key
-from worker.errors import WebhookError
-from worker.ids import new_id
 from worker.settings import Settings, get_settings
-from worker.validation import validate_endpoint_id, validate_event_types, validate_url
 
 T = TypeVar("T")
 

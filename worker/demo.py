@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from worker.errors import InvalidSignature
+from worker.core.errors import InvalidSignature
 from worker.settings import Settings, get_settings
 
 DEMO_ENV = {
@@ -42,7 +42,7 @@ class DemoReceiver:
     port: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
-        from worker.delivery.signing import verify
+        from worker.core.signing import verify
 
         body = await request.read()
         try:
@@ -117,11 +117,11 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
     if problem:
         print(f"webhooks demo: {problem}", file=sys.stderr)
         return 2
-    from worker.db.engine import create_engine
+    from worker.core.models import Endpoint
+    from worker.core.signing import generate_secret
+    from worker.db.connection import create_engine
     from worker.db.migrate import upgrade
     from worker.db.store import Store
-    from worker.delivery.models import Endpoint
-    from worker.delivery.signing import generate_secret
 
     print(f"1. database  {settings.database_url}  (migrating)")
     upgrade(settings.database_url)

@@ -155,10 +155,6 @@ class Settings(BaseSettings):
             return self.celery_broker_url
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
-    @property
-    def max_attempts(self) -> int:
-        return 1 + len(self.retry_schedule)
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -9,19 +9,19 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select, update
 
-from worker.db.engine import create_engine
-from worker.db.schema import attempts, deliveries, endpoints
-from worker.db.store import Store
-from worker.delivery.models import (
+from worker.core.errors import EndpointNotFound, InvalidEndpoint, InvalidSecret
+from worker.core.models import (
     AttemptRecord,
     Delivery,
     Endpoint,
     HttpResult,
     Rejection,
 )
-from worker.delivery.outcome import decide
-from worker.delivery.signing import generate_secret
-from worker.errors import EndpointNotFound, InvalidEndpoint, InvalidSecret
+from worker.core.outcome import decide
+from worker.core.signing import generate_secret
+from worker.db.connection import create_engine
+from worker.db.schema import attempts, deliveries, endpoints
+from worker.db.store import Store
 from worker.settings import Settings
 
 WINDOW = timedelta(hours=1)

@@ -1,4 +1,4 @@
-"""Fixtures for the sender, dispatcher and standalone tests: real loopback HTTP servers."""
+"""Fixtures for the engine tests: real loopback HTTP servers, the engine's parts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from worker.delivery.models import Delivery
-from worker.delivery.signing import generate_secret
+from worker.core.models import Delivery, Endpoint, HttpResult
+from worker.core.signing import generate_secret
+from worker.db.store import Store
+from worker.delivery.intake import Intake, IntakeConfig
+from worker.delivery.scheduler import Scheduler, SchedulerConfig
+from worker.delivery.sweeper import SweepConfig, Sweeper
+from worker.delivery.writer import OutcomeWriter, WriterConfig
 from worker.settings import Settings
 
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
@@ -212,3 +217,52 @@ async def server_factory() -> AsyncIterator[Callable[[str], Awaitable[LocalServe
     finally:
         for srv in started:
             await srv.stop()
+
+
+class InstantSender:
+    """Answers 204 at once and remembers what it sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, delivery: Delivery) -> HttpResult:
+        self.sent.append(delivery.id)
+        return HttpResult(status_code=204)
+
+
+@dataclass
+class EngineParts:
+    """Scheduler, outcome writer, intake and sweeper over a real store, an instant sender."""
+
+    sender: InstantSender
+    writer: OutcomeWriter
+    scheduler: Scheduler
+    intake: Intake
+    sweeper: Sweeper
+
+    async def wait_recorded(self, count: int, within: float = 10.0) -> None:
+        await _until(lambda: self.writer.stats["recorded"] >= count, within, 0.01)
+
+    async def stop(self) -> None:
+        await self.scheduler.stop(1.0)
+        await self.writer.close()
+
+
+@pytest.fixture
+def engine_parts() -> Callable[..., Awaitable[EngineParts]]:
+    """`await engine_parts(store, **settings)`: the engine's parts, started, endpoint ep-a added."""
+
+    async def build(store: Store, **overrides: Any) -> EngineParts:
+        settings = Settings(database_url="sqlite://", **overrides)
+        sender = InstantSender()
+        writer = OutcomeWriter(WriterConfig.from_settings(settings), store)
+        scheduler = Scheduler(SchedulerConfig.from_settings(settings), sender, writer)
+        writer.start()
+        scheduler.start()
+        await store.add_endpoint(Endpoint(id="ep-a", url="http://127.0.0.1:9/",
+                                          secrets=(generate_secret(),)))
+        return EngineParts(sender, writer, scheduler,
+                           Intake(IntakeConfig.from_settings(settings), store, scheduler),
+                           Sweeper(SweepConfig.from_settings(settings), store, scheduler))
+
+    return build

@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 import pytest
-
 from worker.delivery.dispatcher import Dispatcher
-from worker.delivery.models import (
+
+from worker.core.errors import StoreUnavailable
+from worker.core.models import (
     AttemptRecord,
     Delivery,
     DeliveryStatus,
@@ -18,7 +19,6 @@ from worker.delivery.models import (
     HttpResult,
     OutcomeKind,
 )
-from worker.errors import StoreUnavailable
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -18,9 +18,9 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 import worker.delivery.sender as sender_module
-from worker.delivery.models import ErrorKind, HttpResult
-from worker.delivery.sender import Sender
-from worker.delivery.signing import generate_secret
+from worker.core.models import ErrorKind, HttpResult
+from worker.core.signing import generate_secret
+from worker.delivery.sender import Sender, SenderConfig
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -80,7 +80,7 @@ def settings(make_settings):
 
 @pytest.fixture
 async def sender(settings):
-    async with Sender(settings) as s:
+    async with Sender(SenderConfig.from_settings(settings)) as s:
         yield s
 
 
@@ -256,7 +256,8 @@ async def test_huge_response_body_is_cut_to_the_excerpt_limit(server, make_setti
         return web.Response(status=200, body=big)
 
     server.default = huge
-    async with Sender(make_settings(response_excerpt_bytes=limit)) as sender:
+    config = SenderConfig.from_settings(make_settings(response_excerpt_bytes=limit))
+    async with Sender(config) as sender:
         started = time.monotonic()
         result = await sender.send(make_delivery(server.url()))
         elapsed = time.monotonic() - started
@@ -280,7 +281,8 @@ async def test_excerpt_is_bounded_in_bytes_with_multibyte_text(server, make_sett
         return web.Response(status=400, body=("é" * 5000).encode())
 
     server.default = text
-    async with Sender(make_settings(response_excerpt_bytes=limit)) as sender:
+    config = SenderConfig.from_settings(make_settings(response_excerpt_bytes=limit))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(server.url()))
 
     assert result.status_code == 400
@@ -290,7 +292,8 @@ async def test_excerpt_is_bounded_in_bytes_with_multibyte_text(server, make_sett
 
 
 async def test_zero_excerpt_limit_keeps_no_body(server, make_settings, make_delivery):
-    async with Sender(make_settings(response_excerpt_bytes=0)) as sender:
+    config = SenderConfig.from_settings(make_settings(response_excerpt_bytes=0))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(server.url()))
     assert result.status_code == 200
     assert result.response_excerpt is None
@@ -311,7 +314,8 @@ async def test_connection_is_reused_after_a_body_longer_than_the_excerpt(
         return web.Response(status=500, body=b"e" * 10_000)  # drained, not dropped
 
     server.default = medium
-    async with Sender(make_settings(response_excerpt_bytes=64)) as sender:
+    config = SenderConfig.from_settings(make_settings(response_excerpt_bytes=64))
+    async with Sender(config) as sender:
         for _ in range(5):
             result = await sender.send(make_delivery(server.url()))
             assert result.status_code == 500
@@ -338,7 +342,7 @@ async def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout(
 
     server.default = steady
     settings = make_settings(per_endpoint_limit=2, connect_timeout=0.3, request_timeout=3.0)
-    async with Sender(settings) as sender:
+    async with Sender(SenderConfig.from_settings(settings)) as sender:
         results = await asyncio.wait_for(
             asyncio.gather(*(sender.send(make_delivery(server.url())) for _ in range(4))), 10
         )
@@ -354,7 +358,8 @@ async def test_slow_server_times_out_within_request_timeout(server, make_setting
         return web.Response(text="too late")
 
     server.default = slow
-    async with Sender(make_settings(request_timeout=0.5)) as sender:
+    config = SenderConfig.from_settings(make_settings(request_timeout=0.5))
+    async with Sender(config) as sender:
         started = time.monotonic()
         result = await sender.send(make_delivery(server.url()))
         elapsed = time.monotonic() - started
@@ -378,7 +383,8 @@ async def test_slowly_trickled_body_times_out(server, make_settings, make_delive
         return response
 
     server.default = trickle
-    async with Sender(make_settings(request_timeout=0.5)) as sender:
+    config = SenderConfig.from_settings(make_settings(request_timeout=0.5))
+    async with Sender(config) as sender:
         started = time.monotonic()
         result = await sender.send(make_delivery(server.url()))
         elapsed = time.monotonic() - started
@@ -409,7 +415,8 @@ async def test_server_closing_the_connection_is_protocol_error(sender, make_deli
 
 
 async def test_loopback_blocked_when_not_allowed(server, make_settings, make_delivery):
-    async with Sender(make_settings(allowed_networks="")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks=""))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(server.url()))
 
     assert result.error_kind is ErrorKind.BLOCKED
@@ -420,7 +427,8 @@ async def test_loopback_blocked_when_not_allowed(server, make_settings, make_del
 
 
 async def test_blocked_destination_is_never_dialled(make_settings, make_delivery, tcp_listener):
-    async with Sender(make_settings(allowed_networks="")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks=""))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(f"http://127.0.0.1:{tcp_listener.port}/"))
 
     assert result.error_kind is ErrorKind.BLOCKED
@@ -430,7 +438,8 @@ async def test_blocked_destination_is_never_dialled(make_settings, make_delivery
 
 async def test_other_allowed_network_does_not_open_loopback(server, make_settings,
                                                             make_delivery):
-    async with Sender(make_settings(allowed_networks="10.0.0.0/8")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks="10.0.0.0/8"))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(server.url()))
     assert result.error_kind is ErrorKind.BLOCKED
     assert server.requests == []
@@ -438,7 +447,8 @@ async def test_other_allowed_network_does_not_open_loopback(server, make_setting
 
 async def test_localhost_name_resolving_to_loopback_is_blocked(server, make_settings,
                                                                make_delivery):
-    async with Sender(make_settings(allowed_networks="")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks=""))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(f"http://localhost:{server.port}/hook"))
 
     assert result.error_kind is ErrorKind.BLOCKED
@@ -455,7 +465,8 @@ async def test_localhost_name_allowed_when_loopback_allowed(server, sender, make
 
 
 async def test_ipv6_loopback_blocked_when_not_allowed(server6, make_settings, make_delivery):
-    async with Sender(make_settings(allowed_networks="")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks=""))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(server6.url()))
 
     assert result.error_kind is ErrorKind.BLOCKED
@@ -474,7 +485,8 @@ async def test_ipv4_mapped_ipv6_loopback_blocked_when_not_allowed(
 ):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 support for an IPv4-mapped address")
-    async with Sender(make_settings(allowed_networks="")) as sender:
+    config = SenderConfig.from_settings(make_settings(allowed_networks=""))
+    async with Sender(config) as sender:
         result = await sender.send(make_delivery(f"http://[::ffff:127.0.0.1]:{server.port}/h"))
     assert result.error_kind is ErrorKind.BLOCKED
     await asyncio.sleep(0.05)
@@ -493,7 +505,8 @@ async def test_ipv4_mapped_ipv6_loopback_blocked_when_not_allowed(
 async def test_private_and_metadata_addresses_are_blocked_before_connecting(
     make_settings, make_delivery, outside_connects, url
 ):
-    async with Sender(make_settings()) as sender:  # loopback allowed, nothing else
+    config = SenderConfig.from_settings(make_settings())  # loopback allowed, nothing else
+    async with Sender(config) as sender:
         started = time.monotonic()
         result = await sender.send(make_delivery(url))
         elapsed = time.monotonic() - started
@@ -560,11 +573,11 @@ async def test_invalid_url_is_invalid_url_error(server, sender, make_delivery, m
 
 async def test_send_before_open_is_a_programming_error(settings, make_delivery):
     with pytest.raises(RuntimeError):
-        await Sender(settings).send(make_delivery())
+        await Sender(SenderConfig.from_settings(settings)).send(make_delivery())
 
 
 async def test_open_is_idempotent_and_close_reopens(server, settings, make_delivery):
-    sender = Sender(settings)
+    sender = Sender(SenderConfig.from_settings(settings))
     sender.open()
     sender.open()
     try:

@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from worker.delivery.models import DeliveryStatus, ErrorKind, OutcomeKind
-from worker.delivery.signing import generate_secret
+from worker.core.models import DeliveryStatus, ErrorKind, OutcomeKind
+from worker.core.signing import generate_secret
 from worker.delivery.standalone import deliver_all
 
 pytestmark = pytest.mark.timeout(20)

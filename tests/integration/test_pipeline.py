@@ -13,11 +13,11 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from svix.webhooks import Webhook as SvixWebhook
 
 from tests.integration.conftest import Receiver, WorkerProcess, wait_until
-from worker.db.engine import create_engine
+from worker.core.models import Endpoint
+from worker.core.signing import generate_secret
+from worker.db.connection import create_engine
 from worker.db.schema import attempts, deliveries, endpoints
 from worker.db.store import Store
-from worker.delivery.models import Endpoint
-from worker.delivery.signing import generate_secret
 from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
@@ -217,7 +217,7 @@ def test_bad_input_is_recorded_and_the_rest_of_the_batch_is_delivered(
 
 
 def test_producer_side_errors_are_raised_at_delay_time() -> None:
-    from worker.errors import InvalidEvent
+    from worker.core.errors import InvalidEvent
     from worker.tasks.webhook_delivery import (
         deliver_webhook_event,
         deliver_webhook_events,

@@ -21,6 +21,3 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the schema at `database_url` to `revision`. Synchronous; not inside a loop."""
     command.upgrade(alembic_config(database_url), revision)
 
-
-def current(database_url: str) -> None:
-    command.current(alembic_config(database_url), verbose=False)

@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import DateTime, TypeDecorator
 
+from worker.core.models import ENDPOINT_ID_MAX, EVENT_TYPE_MAX, IDEMPOTENCY_KEY_MAX
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on every dialect."""
@@ -49,7 +51,7 @@ metadata = MetaData()
 endpoints = Table(
     "endpoints",
     metadata,
-    Column("id", String(128), primary_key=True),
+    Column("id", String(ENDPOINT_ID_MAX), primary_key=True),
     Column("url", Text, nullable=False),
     Column("secrets", JSON, nullable=False),  # list of whsec_ strings, newest first
     Column("event_types", JSON, nullable=False),  # empty list: every type
@@ -66,9 +68,9 @@ deliveries = Table(
     "deliveries",
     metadata,
     Column("id", String(40), primary_key=True),
-    Column("endpoint_id", String(128), nullable=False),
-    Column("event_type", String(255)),
-    Column("idempotency_key", String(255)),
+    Column("endpoint_id", String(ENDPOINT_ID_MAX), nullable=False),
+    Column("event_type", String(EVENT_TYPE_MAX)),
+    Column("idempotency_key", String(IDEMPOTENCY_KEY_MAX)),
     Column("payload", LargeBinary),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),

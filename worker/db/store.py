@@ -11,17 +11,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db.schema import attempts, deliveries, endpoints
-from worker.delivery.models import (
+from worker.core.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
+from worker.core.models import (
+    ENDPOINT_ID_MAX,
     AttemptRecord,
     Delivery,
     DeliveryStatus,
     Endpoint,
     OutcomeKind,
+    Refusal,
     Rejection,
+    usable_endpoint,
 )
-from worker.delivery.signing import secret_key
-from worker.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
+from worker.core.signing import secret_key
+from worker.db.schema import attempts, deliveries, endpoints
 
 
 def utcnow() -> datetime:
@@ -155,8 +158,8 @@ class Store:
                 "last_status_code": None, "last_error": None}
         fresh = [{**base, **row} for row in rows]
         fresh += [
-            {**base, "id": row_id, "endpoint_id": r.webhook_id[:128], "event_type": r.event_type,
-             "idempotency_key": None, "payload": r.payload,
+            {**base, "id": row_id, "endpoint_id": r.webhook_id[:ENDPOINT_ID_MAX],
+             "event_type": r.event_type, "idempotency_key": None, "payload": r.payload,
              "status": DeliveryStatus.REJECTED.value, "next_attempt_at": None,
              "locked_until": None, "last_error": f"{r.code}: {r.message}"}
             for row_id, r in rejections
@@ -215,11 +218,9 @@ class Store:
         ready: list[Delivery] = []
         dead: list[tuple[str, str]] = []
         for row in claimed:
-            ep = eps.get(row.endpoint_id)
-            if ep is None:
-                dead.append((row.id, f"endpoint {row.endpoint_id!r} no longer exists"))
-            elif not ep.enabled:
-                dead.append((row.id, f"endpoint disabled: {ep.disabled_reason or 'by operator'}"))
+            ep = usable_endpoint(row.endpoint_id, eps.get(row.endpoint_id))
+            if isinstance(ep, Refusal):
+                dead.append((row.id, ep.message))
             else:
                 ready.append(
                     Delivery(

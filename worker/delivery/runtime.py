@@ -1,73 +1,62 @@
-"""One long-lived event loop per worker process, in a thread, holding the engine.
+"""The one door into the engine from Celery's threads.
 
-Celery tasks are synchronous; they hand work to this loop and wait only for the commit.
-Everything async (loop, aiohttp session, database engine) is made here, lazily, after fork.
+Celery tasks are synchronous. Each process gets one engine thread running one long-lived
+event loop; the task shells hand work across with the methods below, whose names say whether
+they block (`*_blocking`) or return a future at once (`*_threadsafe`). Everything async
+(loop, aiohttp session, database engine) is made on that thread, lazily, after fork.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
-from worker.db.engine import create_engine
-from worker.db.store import Store
-from worker.delivery.dispatcher import Dispatcher
-from worker.delivery.intake import Intake
-from worker.delivery.sender import Sender
-from worker.errors import EngineUnavailable
+from worker.core.errors import EngineUnavailable
+from worker.core.models import AcceptReport, Incoming
+from worker.delivery.engine import Engine
+from worker.delivery.loop import new_event_loop, tune_gc
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger("webhooks.runtime")
 T = TypeVar("T")
 
-
-def tune_gc(threshold: int) -> None:
-    """Fewer collections in a process that allocates per request but keeps little.
-
-    Start-up objects are frozen out of every collection, and the youngest generation is
-    collected after `threshold` allocations instead of 700: measured with the bench, the
-    default settings cost about a third of the engine's CPU. 0 leaves Python's defaults.
-    """
-    if threshold <= 0:
-        return
-    gc.collect()
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(threshold, second, third)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency outside Windows
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+# How long a process waits for its engine thread to come up.
+START_TIMEOUT = 30.0
+# Beyond a call's own timeout, how long the caller waits for the loop to answer at all.
+ANSWER_MARGIN = 1.0
+# A background sweep may overrun its interval by this much before it counts as stuck.
+SWEEP_MARGIN = 30.0
+# The least time a background sweep is given.
+MIN_SWEEP_SECONDS = 0.1
+# Beyond the shutdown grace, how long stop waits for the engine thread.
+STOP_MARGIN = 5.0
 
 
 class EngineRuntime:
-    """The engine of one process: start once, call coroutines on it, stop at exit."""
+    """The engine of one process: start once, cross threads into it, stop at exit."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 make_engine: Callable[[Settings], Engine] = Engine) -> None:
         self.settings = settings
         self.pid = os.getpid()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.store: Store | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.intake: Intake | None = None
+        self._make_engine = make_engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
         self._sweep: concurrent.futures.Future[tuple[int, int]] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
         tune_gc(self.settings.gc_threshold)
         self._thread = threading.Thread(target=self._run, name="webhooks-engine", daemon=True)
         self._thread.start()
@@ -79,7 +68,7 @@ class EngineRuntime:
     def _run(self) -> None:
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
-        self.loop = loop
+        self._loop = loop
         try:
             loop.run_until_complete(self._main())
         except BaseException as exc:
@@ -90,92 +79,93 @@ class EngineRuntime:
             loop.close()
 
     async def _main(self) -> None:
-        s = self.settings
         self._stop = asyncio.Event()
-        db = create_engine(s)
-        sender = Sender(s)
-        sender.open()
-        self.store = Store(db)
-        self.dispatcher = Dispatcher(s, sender, self.store)
-        self.intake = Intake(s, self.store, self.dispatcher)
-        self.dispatcher.start()
+        engine = self._make_engine(self.settings)
+        engine.start()
+        self._engine = engine
         self._ready.set()
-        log.info("engine started in pid %d (in-flight bound %d, database %s)",
-                 self.pid, s.max_in_flight, db.url.render_as_string(hide_password=True))
-        stats = asyncio.create_task(self._log_stats(), name="webhooks-stats")
         try:
             await self._stop.wait()
         finally:
-            stats.cancel()
-            await self.dispatcher.drain(s.shutdown_grace)
-            await sender.close()
-            await db.dispose()
-            log.info("engine stopped in pid %d: %s", self.pid, self.dispatcher.stats)
+            await engine.stop()
 
-    def submit(
-        self, make: Callable[[], Awaitable[T]], timeout: float
-    ) -> concurrent.futures.Future[T]:
-        """Start a coroutine on the engine loop, bounded by `timeout`; returns its future."""
-        if self.loop is None or self._startup_error is not None or not self._ready.is_set():
+    def stop_blocking(self, timeout: float | None = None) -> None:
+        """Drain and stop; waits up to the shutdown grace plus a margin."""
+        if self._loop is None or self._stop is None or self._thread is None:
+            return
+        stop = self._stop
+        try:
+            self._loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:
+            return  # loop already closed
+        self._thread.join(timeout if timeout is not None
+                          else self.settings.shutdown_grace + STOP_MARGIN)
+
+    # -- crossing into the loop ------------------------------------------------------------
+
+    def _running(self) -> tuple[Engine, asyncio.AbstractEventLoop]:
+        engine, loop = self._engine, self._loop
+        if loop is None or engine is None or self._startup_error is not None:
             raise EngineUnavailable("engine is not running")
+        return engine, loop
+
+    def submit_threadsafe(
+        self, make: Callable[[Engine], Awaitable[T]], timeout: float
+    ) -> concurrent.futures.Future[T]:
+        """Start `make(engine)` on the engine loop, bounded by `timeout`; returns its future."""
+        engine, loop = self._running()
 
         async def run() -> T:
             try:
-                return await asyncio.wait_for(make(), timeout)
+                return await asyncio.wait_for(make(engine), timeout)
             except TimeoutError as exc:
                 raise EngineUnavailable(f"engine did not finish within {timeout:.0f}s") from exc
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return asyncio.run_coroutine_threadsafe(run(), loop)
 
-    def running_intake(self) -> Intake:
-        """The engine's intake; EngineUnavailable when the engine is not running."""
-        if self.loop is None or self.intake is None:
-            raise EngineUnavailable("engine is not running")
-        return self.intake
-
-    def sweep_in_background(self) -> bool:
-        """Start a sweep on the engine loop unless one is running; returns whether it started."""
-        intake = self.running_intake()
-        if self._sweep is not None and not self._sweep.done():
-            return False
-        seconds = max(self.settings.sweep_interval * 0.8, 0.1)
-        self._sweep = self.submit(lambda: intake.sweep_for(seconds), seconds + 30.0)
-        self._sweep.add_done_callback(_log_sweep)
-        return True
-
-    async def _log_stats(self) -> None:
-        """One line a minute while there is work, for the journal."""
-        assert self.dispatcher is not None
-        dispatcher, last = self.dispatcher, dict(self.dispatcher.stats)
-        while True:
-            await asyncio.sleep(self.settings.stats_interval)
-            now = dict(dispatcher.stats)
-            if now != last or dispatcher.in_flight or dispatcher.queued:
-                log.info("engine: %d attempted, %d recorded (+%d), %d in flight, %d queued, "
-                         "%d lease lost, %d write failures", now["attempted"], now["recorded"],
-                         now["recorded"] - last["recorded"], dispatcher.in_flight,
-                         dispatcher.queued, now["lease_lost"], now["write_failures"])
-            last = now
-
-    def call(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
-        """Run a coroutine on the engine loop and wait for its result."""
-        future = self.submit(make, timeout)
+    def call_blocking(self, make: Callable[[Engine], Awaitable[T]], timeout: float) -> T:
+        """Run `make(engine)` on the engine loop and wait for its result."""
+        future = self.submit_threadsafe(make, timeout)
         try:
-            return future.result(timeout + 1.0)
+            return future.result(timeout + ANSWER_MARGIN)
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
             raise EngineUnavailable(f"engine did not answer within {timeout:.0f}s") from exc
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Drain and stop; waits up to the shutdown grace plus a margin."""
-        if self.loop is None or self._stop is None or self._thread is None:
-            return
-        stop = self._stop
-        try:
-            self.loop.call_soon_threadsafe(stop.set)
-        except RuntimeError:
-            return  # loop already closed
-        self._thread.join(timeout if timeout is not None else self.settings.shutdown_grace + 5)
+    # -- what the task shells ask for ------------------------------------------------------
+
+    def accept_threadsafe(
+        self, items: Sequence[Incoming]
+    ) -> concurrent.futures.Future[AcceptReport]:
+        """Commit events; the future resolves once they are durable."""
+        return self.submit_threadsafe(lambda e: e.intake.accept(items),
+                                      self.settings.accept_timeout)
+
+    def accept_blocking(self, items: Sequence[Incoming]) -> AcceptReport:
+        """Commit events and wait until they are durable."""
+        return self.call_blocking(lambda e: e.intake.accept(items), self.settings.accept_timeout)
+
+    def fan_out_blocking(self, message_id: str, event_type: str, data: Any,
+                         idempotency_key: str | None) -> AcceptReport:
+        """Commit one event for every subscribed endpoint and wait until it is durable."""
+        return self.call_blocking(
+            lambda e: e.intake.fan_out(message_id, event_type, data, idempotency_key),
+            self.settings.accept_timeout)
+
+    def cleanup_blocking(self, cutoff: datetime, timeout: float) -> int:
+        """Delete finished deliveries created before `cutoff`; returns how many."""
+        return self.call_blocking(
+            lambda e: e.store.cleanup(cutoff, self.settings.cleanup_chunk), timeout)
+
+    def start_sweep_threadsafe(self) -> bool:
+        """Start a sweep on the engine loop unless one is running; returns whether it started."""
+        if self._sweep is not None and not self._sweep.done():
+            return False
+        seconds = max(self.settings.sweep_interval * 0.8, MIN_SWEEP_SECONDS)
+        self._sweep = self.submit_threadsafe(lambda e: e.sweeper.sweep_for(seconds),
+                                             seconds + SWEEP_MARGIN)
+        self._sweep.add_done_callback(_log_sweep)
+        return True
 
 
 def _log_sweep(future: concurrent.futures.Future[tuple[int, int]]) -> None:
@@ -212,4 +202,4 @@ def stop_runtime() -> None:
     with _lock:
         runtime, _runtime = _runtime, None
     if runtime is not None and runtime.pid == os.getpid():
-        runtime.stop()
+        runtime.stop_blocking()

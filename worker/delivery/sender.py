@@ -6,20 +6,46 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
 
-from worker.delivery.models import Delivery, ErrorKind, HttpResult
-from worker.delivery.netpolicy import IPNetwork, is_allowed
-from worker.delivery.signing import secret_key, webhook_headers
-from worker.errors import DestinationBlocked, InvalidSecret
+from worker.core.errors import DestinationBlocked, InvalidSecret
+from worker.core.models import Delivery, ErrorKind, HttpResult
+from worker.core.netpolicy import IPNetwork, is_allowed
+from worker.core.signing import secret_key, webhook_headers
 from worker.settings import Settings
 
 USER_AGENT = "webhook-worker/0.1"
 # Past the excerpt, drain at most this much so the connection can be reused.
 DRAIN_LIMIT = 64 * 1024
+# Read size while draining a response body.
+READ_CHUNK = 16 * 1024
+# Connections beyond the in-flight bound, for sockets still closing.
+SPARE_CONNECTIONS = 16
+# Decoded signing keys kept per process (one entry per distinct secret list).
+KEY_CACHE_SIZE = 10_000
+# An error text longer than this is cut before it is recorded.
+ERROR_TEXT_LIMIT = 500
+# How long resolved addresses and idle connections are kept.
+DNS_CACHE_SECONDS = 60
+KEEPALIVE_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    max_in_flight: int
+    connect_timeout: float
+    request_timeout: float
+    response_excerpt_bytes: int
+    allowed_networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SenderConfig:
+        return cls(s.max_in_flight, s.connect_timeout, s.request_timeout,
+                   s.response_excerpt_bytes, s.allowed_networks)
 
 
 def guarded_socket_factory(allowed: Sequence[IPNetwork]) -> object:
@@ -52,8 +78,8 @@ def _is_blocked(exc: BaseException) -> bool:
 class Sender:
     """Signs and POSTs one delivery per call; owns the session and its connection pool."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: SenderConfig) -> None:
+        self.config = config
         self._session: aiohttp.ClientSession | None = None
         self._keys: dict[tuple[str, ...], tuple[bytes, ...]] = {}
 
@@ -70,15 +96,15 @@ class Sender:
         """Create the session; must run inside the loop that will use it."""
         if self._session is not None:
             return
-        s = self.settings
-        # The dispatcher bounds concurrency (globally and per endpoint) before a request
+        s = self.config
+        # The scheduler bounds concurrency (globally and per endpoint) before a request
         # starts, so the connector never makes a request wait for a connection: a wait
         # there would count against the request's own timeouts.
         connector = aiohttp.TCPConnector(
-            limit=s.max_in_flight + 16,
+            limit=s.max_in_flight + SPARE_CONNECTIONS,
             limit_per_host=0,
-            ttl_dns_cache=60,
-            keepalive_timeout=30,
+            ttl_dns_cache=DNS_CACHE_SECONDS,
+            keepalive_timeout=KEEPALIVE_SECONDS,
             socket_factory=guarded_socket_factory(s.allowed_networks),  # type: ignore[arg-type]
         )
         self._session = aiohttp.ClientSession(
@@ -99,7 +125,7 @@ class Sender:
         keys = self._keys.get(secrets)
         if keys is None:
             keys = tuple(secret_key(secret) for secret in secrets)
-            if len(self._keys) > 10_000:
+            if len(self._keys) > KEY_CACHE_SIZE:
                 self._keys.clear()
             self._keys[secrets] = keys
         return keys
@@ -150,11 +176,11 @@ class Sender:
             return HttpResult(error_kind=kind, error=_describe(exc), duration_ms=elapsed())
 
     async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
-        limit = self.settings.response_excerpt_bytes
+        limit = self.config.response_excerpt_bytes
         kept = bytearray()
         drained = 0
         while drained < limit + DRAIN_LIMIT:
-            chunk = await response.content.read(min(16384, limit + DRAIN_LIMIT - drained))
+            chunk = await response.content.read(min(READ_CHUNK, limit + DRAIN_LIMIT - drained))
             if not chunk:
                 break
             if len(kept) < limit:
@@ -167,4 +193,4 @@ class Sender:
 
 def _describe(exc: BaseException, default: str = "") -> str:
     text = str(exc) or default or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+    return f"{type(exc).__name__}: {text}"[:ERROR_TEXT_LIMIT]

@@ -1,6 +1,6 @@
 """The delivery engine alone: pre-built deliveries, no broker, no database.
 
-For the bench's `engine` mode and for embedding: the same dispatcher, sender and in-flight
+For the bench's `engine` mode and for embedding: the same scheduler, outcome writer, sender and in-flight
 bound as the worker, with outcomes kept in memory.
 """
 
@@ -10,9 +10,10 @@ import asyncio
 from collections.abc import Sequence
 from datetime import datetime
 
-from worker.delivery.dispatcher import Dispatcher
-from worker.delivery.models import AttemptRecord, Delivery
-from worker.delivery.sender import Sender
+from worker.core.models import AttemptRecord, Delivery
+from worker.delivery.scheduler import Scheduler, SchedulerConfig
+from worker.delivery.sender import Sender, SenderConfig
+from worker.delivery.writer import OutcomeWriter, WriterConfig
 from worker.settings import Settings
 
 
@@ -35,19 +36,23 @@ async def deliver_all(
     done = asyncio.Event()
     expected = len(deliveries)
 
-    def on_record(_: AttemptRecord) -> None:
+    def on_written(_: Sequence[AttemptRecord]) -> None:
         if len(recorder.records) >= expected:
             done.set()
 
     # Nothing can go back to a database here: park everything that waits.
     settings = settings.model_copy(update={"park_limit": max(expected, 1)})
-    async with Sender(settings) as sender:
-        dispatcher = Dispatcher(settings, sender, recorder, on_record=on_record)
-        dispatcher.start()
+    async with Sender(SenderConfig.from_settings(settings)) as sender:
+        writer = OutcomeWriter(WriterConfig.from_settings(settings), recorder)
+        writer.on_written(on_written)
+        scheduler = Scheduler(SchedulerConfig.from_settings(settings), sender, writer)
+        writer.start()
+        scheduler.start()
         try:
-            dispatcher.submit(deliveries)
+            scheduler.submit(deliveries)
             if expected:
                 await asyncio.wait_for(done.wait(), timeout)
         finally:
-            await dispatcher.drain(grace=0)
+            await scheduler.stop(grace=0)
+            await writer.close()
     return recorder.records

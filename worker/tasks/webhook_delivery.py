@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.concurrency.solo import TaskPool as SoloPool
@@ -23,67 +23,34 @@ from celery.result import AsyncResult
 from celery_batches import Batches, SimpleRequest
 
 from worker.celery_app import app, settings
-from worker.delivery.intake import Incoming
-from worker.delivery.models import AcceptReport, EventIn
+from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
+from worker.core.messages import (
+    FAN_OUT_FIELDS,
+    event_from_mapping,
+    fan_out_body,
+    incoming,
+    single_event,
+)
+from worker.core.models import AcceptReport, EventIn, Incoming
+from worker.core.validation import validate_event
 from worker.delivery.runtime import get_runtime
-from worker.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
-from worker.validation import validate_event
 
 log = logging.getLogger("webhooks.tasks")
 
 # Failures that mean "not committed, keep the message": never acknowledged as done.
 NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded)
-SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key")
 # Backoff of a message that could not be committed is capped here.
 MAX_REQUEUE_DELAY = 60.0
-
-
-def _single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> EventIn:
-    """The event a `deliver_event` message carries; InvalidEvent for a malformed call."""
-    args, kwargs = tuple(args or ()), dict(kwargs or {})
-    if len(args) > len(SINGLE_FIELDS):
-        raise InvalidEvent("bad_arguments", f"deliver_event takes at most {len(SINGLE_FIELDS)} "
-                           "arguments: webhook_id, event_data, idempotency_key")
-    fields = dict(zip(SINGLE_FIELDS, args, strict=False))
-    unknown = set(kwargs) - set(SINGLE_FIELDS)
-    if unknown:
-        raise InvalidEvent("bad_arguments", f"unknown argument(s): {', '.join(sorted(unknown))}")
-    twice = set(fields) & set(kwargs)
-    if twice:
-        raise InvalidEvent("bad_arguments", f"argument(s) given twice: {', '.join(sorted(twice))}")
-    fields.update(kwargs)
-    if "webhook_id" not in fields or "event_data" not in fields:
-        raise InvalidEvent("bad_arguments", "deliver_event needs webhook_id and event_data")
-    return EventIn(fields["webhook_id"], fields["event_data"], fields.get("idempotency_key"))
-
-
-def _event_from_mapping(item: Any) -> EventIn:
-    if not isinstance(item, Mapping):
-        raise InvalidEvent("bad_arguments", "each event must be an object with webhook_id and "
-                           f"event_data, not {type(item).__name__}")
-    return _single_event((), item)
+# A message whose commit fails for any other reason (a bug) is retried this often, then
+# left failed with its traceback in the log rather than retried for ever.
+MAX_UNEXPECTED_FAILURES = 3
+# Cleanup stops short of the soft time limit by this much.
+CLEANUP_MARGIN = 10
 
 
 def _producer_check(event: EventIn) -> None:
     validate_event(event.webhook_id, event.event_data, max_payload_bytes=settings.max_payload_bytes,
                    idempotency_key=event.idempotency_key)
-
-
-def _incoming(message_id: str, parse: Any, *raw: Any) -> Incoming:
-    """The parsed event, or a placeholder carrying why it could not be parsed."""
-    try:
-        return Incoming(message_id, parse(*raw))
-    except InvalidEvent as exc:
-        fields = raw[-1] if raw and isinstance(raw[-1], Mapping) else {}
-        webhook_id = fields.get("webhook_id")
-        return Incoming(message_id, EventIn(webhook_id if isinstance(webhook_id, str) else "?",
-                                            None), problem=exc)
-
-
-def _hand_over(items: Sequence[Incoming]) -> AcceptReport:
-    runtime = get_runtime()
-    intake = runtime.running_intake()
-    return runtime.call(lambda: intake.accept(items), settings.accept_timeout)
 
 
 def _summary(report: AcceptReport) -> dict[str, Any]:
@@ -106,7 +73,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
     _hub: Any = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        _producer_check(_single_event(args, kwargs))
+        _producer_check(single_event(args, kwargs))
         return super().apply_async(args, kwargs, **options)
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
@@ -121,9 +88,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
         simple = [SimpleRequest.from_request(r) for r in requests]
         items = _gathered_items(simple)
         try:
-            runtime = get_runtime()
-            intake = runtime.running_intake()
-            future = runtime.submit(lambda: intake.accept(items), settings.accept_timeout)
+            future = get_runtime().accept_threadsafe(items)
         except Exception as exc:  # not committed: keep the messages
             self._settle(requests, simple, exc)
             return None
@@ -147,7 +112,7 @@ class GatheredEvents(Batches):  # type: ignore[misc]
 
 
 def _gathered_items(requests: Sequence[SimpleRequest]) -> list[Incoming]:
-    return [_incoming(f"{r.id}:0", _single_event, r.args, r.kwargs) for r in requests]
+    return [incoming(f"{r.id}:0", single_event, r.args, r.kwargs) for r in requests]
 
 
 @app.task(
@@ -161,7 +126,7 @@ def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
     """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`."""
     items = _gathered_items(requests)
     try:
-        report = _hand_over(items)
+        report = get_runtime().accept_blocking(items)
     except Exception as exc:
         _republish(requests, exc)
         return
@@ -173,7 +138,8 @@ def _republish(requests: Sequence[SimpleRequest], exc: BaseException) -> None:
     """Hand the messages back to the broker under the same ids: gathered tasks are acked on
     return whatever happens, so this is how an uncommitted event stays in the broker."""
     log.warning("could not commit %d events (%s: %s); republishing them in %.1fs",
-                len(requests), type(exc).__name__, exc, settings.requeue_delay)
+                len(requests), type(exc).__name__, exc, settings.requeue_delay,
+                exc_info=not isinstance(exc, NOT_COMMITTED))
     try:
         for r in requests:
             # send_task, not apply_async: a malformed message goes back as it came, to be
@@ -217,7 +183,7 @@ class EventBatchTask(ValidatedTask):
                                f"limit is {settings.max_events_per_message}")
         for index, item in enumerate(events):
             try:
-                _producer_check(_event_from_mapping(item))
+                _producer_check(event_from_mapping(item))
             except InvalidEvent as exc:
                 raise InvalidEvent(exc.code, f"events[{index}]: {exc}") from exc
 
@@ -228,20 +194,30 @@ def deliver_webhook_events(self: Task, events: list[dict[str, Any]]) -> dict[str
     """Deliver many events from one message: `.delay(events=[{webhook_id, event_data}, ...])`."""
     if not isinstance(events, list):
         events = [events]
-    items = [_incoming(f"{self.request.id}:{i}", _event_from_mapping, e)
+    items = [incoming(f"{self.request.id}:{i}", event_from_mapping, e)
              for i, e in enumerate(events[: settings.max_events_per_message])]
     try:
-        return _summary(_hand_over(items))
+        return _summary(get_runtime().accept_blocking(items))
     except Exception as exc:
-        raise _retry_later(self, exc, len(items)) from exc
+        _retry_later(self, exc, len(items))
 
 
-def _retry_later(task: Task, exc: Exception, count: int) -> Exception:  # type: ignore[type-arg]
-    """A retry of the same message (same task id, so the same delivery ids) after a backoff."""
-    delay = min(settings.requeue_delay * 2 ** min(task.request.retries, 4), MAX_REQUEUE_DELAY)
+def _retry_later(task: Task, exc: Exception, count: int) -> NoReturn:  # type: ignore[type-arg]
+    """A retry of the same message (same task id, so the same delivery ids) after a backoff.
+
+    An unexpected error (a bug, not an outage) is logged with its traceback and retried
+    only `MAX_UNEXPECTED_FAILURES` times.
+    """
+    retries = task.request.retries
+    expected = isinstance(exc, NOT_COMMITTED)
+    if not expected and retries >= MAX_UNEXPECTED_FAILURES:
+        log.error("giving up on %d events after %d unexpected failures", count, retries + 1,
+                  exc_info=exc)
+        raise exc
+    delay = min(settings.requeue_delay * 2 ** min(retries, 4), MAX_REQUEUE_DELAY)
     log.warning("could not commit %d events (%s: %s); retrying in %.1fs", count,
-                type(exc).__name__, exc, delay, exc_info=not isinstance(exc, NOT_COMMITTED))
-    return task.retry(exc=exc, countdown=delay)
+                type(exc).__name__, exc, delay, exc_info=not expected)
+    raise task.retry(exc=exc, countdown=delay)
 
 
 # -- fan-out ---------------------------------------------------------------------------------
@@ -249,13 +225,12 @@ def _retry_later(task: Task, exc: Exception, count: int) -> Exception:  # type: 
 
 class FanOutTask(ValidatedTask):
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        fields = dict(zip(("event_type", "data", "idempotency_key"), args, strict=False))
+        fields = dict(zip(FAN_OUT_FIELDS, args, strict=False))
         fields.update(kwargs)
         event_type = fields.get("event_type")
         if not isinstance(event_type, str) or not event_type:
             raise InvalidEvent("bad_arguments", "publish_event needs event_type, a string")
-        body = {"type": event_type, "timestamp": "2000-01-01T00:00:00+00:00",
-                "data": fields.get("data")}
+        body = fan_out_body(event_type, fields.get("data"), datetime.now(UTC))
         validate_event("fan-out", body, max_payload_bytes=settings.max_payload_bytes,
                        idempotency_key=fields.get("idempotency_key"))
 
@@ -271,14 +246,9 @@ def publish_webhook_event(
     """Deliver `{type, timestamp, data}` to every enabled endpoint subscribed to `event_type`."""
     message_id = str(self.request.id)  # the request context is thread-local: read it here
     try:
-        runtime = get_runtime()
-        intake = runtime.running_intake()
-        report = runtime.call(
-            lambda: intake.fan_out(message_id, event_type, data, idempotency_key),
-            settings.accept_timeout,
-        )
+        report = get_runtime().fan_out_blocking(message_id, event_type, data, idempotency_key)
     except Exception as exc:
-        raise _retry_later(self, exc, 1) from exc
+        _retry_later(self, exc, 1)
     return _summary(report)
 
 
@@ -292,19 +262,15 @@ def retry_failed_deliveries() -> dict[str, bool]:
     The sweep runs on the engine loop for up to one sweep interval, so this task returns at
     once and never holds up the consumer; a sweep still running makes it a no-op.
     """
-    return {"started": get_runtime().sweep_in_background()}
+    return {"started": get_runtime().start_sweep_threadsafe()}
 
 
 @app.task(name="webhooks.cleanup_old_deliveries", acks_late=True)
 def cleanup_old_deliveries(retention_days: float | None = None) -> dict[str, int]:
     """Delete finished deliveries and their attempts older than the retention (default 90 d)."""
     days = settings.retention_days if retention_days is None else float(retention_days)
-    runtime = get_runtime()
-    store = runtime.store
-    assert store is not None
     cutoff = datetime.now(UTC) - timedelta(days=days)
-    removed = runtime.call(lambda: store.cleanup(cutoff, settings.cleanup_chunk),
-                           settings.task_soft_time_limit - 10)
+    removed = get_runtime().cleanup_blocking(cutoff, settings.task_soft_time_limit - CLEANUP_MARGIN)
     log.info("cleanup removed %d deliveries older than %.1f days", removed, days)
     return {"removed": removed}
 

@@ -7,7 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from worker.db.engine import create_engine
+from worker.db.connection import create_engine
 from worker.db.schema import metadata
 from worker.settings import get_settings
 

@@ -12,7 +12,8 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from svix.webhooks import Webhook as SvixWebhook
 
-from worker.delivery.signing import (
+from worker.core.errors import InvalidEndpoint, InvalidSecret
+from worker.core.signing import (
     MAX_SECRET_BYTES,
     MIN_SECRET_BYTES,
     SECRET_PREFIX,
@@ -22,7 +23,6 @@ from worker.delivery.signing import (
     signature_header,
     webhook_headers,
 )
-from worker.errors import InvalidEndpoint, InvalidSecret
 
 # The Standard Webhooks specification's published test vector (also used by svix).
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

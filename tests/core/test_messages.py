@@ -1,4 +1,4 @@
-"""Parsing of producer calls in the task shells (no broker involved)."""
+"""Reading the producer calls a task message carries (no broker involved)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from worker.errors import InvalidEvent
-from worker.tasks.webhook_delivery import _event_from_mapping, _incoming, _single_event
+from worker.core.errors import InvalidEvent
+from worker.core.messages import event_from_mapping, incoming, single_event
 
 
 @pytest.mark.parametrize(
@@ -22,7 +22,7 @@ from worker.tasks.webhook_delivery import _event_from_mapping, _incoming, _singl
 def test_single_event_accepts_positional_and_keyword_forms(
     args: tuple[Any, ...], kwargs: dict[str, Any] | None, expected: tuple[Any, ...]
 ) -> None:
-    event = _single_event(args, kwargs)
+    event = single_event(args, kwargs)
     assert (event.webhook_id, event.event_data, event.idempotency_key) == expected
 
 
@@ -40,20 +40,20 @@ def test_single_event_refuses_malformed_calls(
     args: tuple[Any, ...], kwargs: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(InvalidEvent, match=message) as info:
-        _single_event(args, kwargs)
+        single_event(args, kwargs)
     assert info.value.code == "bad_arguments"
 
 
 @pytest.mark.parametrize("item", ["text", 7, None, ["ep", {}]])
 def test_batch_items_must_be_objects(item: Any) -> None:
     with pytest.raises(InvalidEvent, match="must be an object"):
-        _event_from_mapping(item)
+        event_from_mapping(item)
 
 
 def test_unparseable_message_becomes_a_recorded_problem_not_an_exception() -> None:
-    item = _incoming("task-1:0", _event_from_mapping, {"webhook_id": "ep-9", "oops": 1})
+    item = incoming("task-1:0", event_from_mapping, {"webhook_id": "ep-9", "oops": 1})
     assert item.problem is not None and item.problem.code == "bad_arguments"
     assert item.event.webhook_id == "ep-9"
     assert item.message_id == "task-1:0"
-    fine = _incoming("task-2:0", _event_from_mapping, {"webhook_id": "ep", "event_data": {}})
+    fine = incoming("task-2:0", event_from_mapping, {"webhook_id": "ep", "event_data": {}})
     assert fine.problem is None

@@ -1,4 +1,9 @@
-"""Values passed between the task shells, the engine and the store."""
+"""The vocabulary: values passed between the task shells, the engine and the store.
+
+An event travels as `EventIn` (as sent) -> `ValidEvent` (checked, serialised) ->
+`Incoming` (with the broker identity its delivery id derives from) -> `Delivery` (committed,
+bound for one endpoint) -> `AttemptRecord` (one attempt and what follows from it).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,15 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from worker.core.errors import InvalidEvent
+
+# Column sizes of the schema; values are cut to them before they are written.
+ENDPOINT_ID_MAX = 128
+EVENT_TYPE_MAX = 255
+IDEMPOTENCY_KEY_MAX = 255
+# What is kept of a payload that could not be accepted.
+REJECTED_EXCERPT_BYTES = 2048
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -34,7 +48,6 @@ class ErrorKind(enum.StrEnum):
     BLOCKED = "blocked"
     INVALID_URL = "invalid_url"
     INVALID_SECRET = "invalid_secret"
-    ENDPOINT_DISABLED = "endpoint_disabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,36 @@ class Endpoint:
 
     def subscribes_to(self, event_type: str | None) -> bool:
         return not self.event_types or event_type in self.event_types
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an endpoint takes no delivery now."""
+
+    code: str  # unknown_endpoint, endpoint_disabled
+    message: str
+
+
+def usable_endpoint(endpoint_id: str, endpoint: Endpoint | None) -> Endpoint | Refusal:
+    """The endpoint when it can take a delivery now, else why not.
+
+    The one rule for intake and for the retry sweep alike.
+    """
+    if endpoint is None:
+        return Refusal("unknown_endpoint", f"no endpoint with id {endpoint_id!r}")
+    if not endpoint.enabled:
+        reason = endpoint.disabled_reason or "by operator"
+        return Refusal("endpoint_disabled", f"endpoint {endpoint.id!r} is disabled: {reason}")
+    return endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """An event plus the broker identity that makes its delivery id deterministic."""
+
+    message_id: str  # Celery task id of the carrying message, plus a position
+    event: EventIn
+    problem: InvalidEvent | None = None  # why the message itself could not be read
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from worker.ids import derived_id, new_id
+from worker.core.ids import derived_id, new_id
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ID_BODY = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")

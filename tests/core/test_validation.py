@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.errors import InvalidEndpoint, InvalidEvent
-from worker.validation import (
-    MAX_EVENT_TYPE_LENGTH,
-    MAX_KEY_LENGTH,
+from worker.core.errors import InvalidEndpoint, InvalidEvent
+from worker.core.validation import (
+    EVENT_TYPE_MAX,
+    IDEMPOTENCY_KEY_MAX,
     MAX_URL_LENGTH,
     ValidEvent,
     event_type_of,
@@ -115,20 +115,20 @@ def test_validate_event_size_counts_utf8_bytes_not_characters() -> None:
     assert _code(exc) == "payload_too_large"
 
 
-@pytest.mark.parametrize("key", ["", 1, b"k", ["k"], "k" * (MAX_KEY_LENGTH + 1)], ids=repr)
+@pytest.mark.parametrize("key", ["", 1, b"k", ["k"], "k" * (IDEMPOTENCY_KEY_MAX + 1)], ids=repr)
 def test_validate_event_rejects_bad_idempotency_keys(key: Any) -> None:
     with pytest.raises(InvalidEvent) as exc:
         validate_event("ep", {}, max_payload_bytes=LIMIT, idempotency_key=key)
     assert _code(exc) == "invalid_idempotency_key"
 
 
-@pytest.mark.parametrize("key", [None, "k", "k" * MAX_KEY_LENGTH, "a b/c:d"])
+@pytest.mark.parametrize("key", [None, "k", "k" * IDEMPOTENCY_KEY_MAX, "a b/c:d"])
 def test_validate_event_accepts_idempotency_keys_up_to_the_limit(key: str | None) -> None:
     event = validate_event("ep", {}, max_payload_bytes=LIMIT, idempotency_key=key)
     assert event.idempotency_key == key
 
 
-@pytest.mark.parametrize("event_type", ["", 7, ["a"], "t" * (MAX_EVENT_TYPE_LENGTH + 1)],
+@pytest.mark.parametrize("event_type", ["", 7, ["a"], "t" * (EVENT_TYPE_MAX + 1)],
                          ids=repr)
 def test_validate_event_rejects_bad_explicit_event_types(event_type: Any) -> None:
     with pytest.raises(InvalidEvent) as exc:
@@ -137,7 +137,7 @@ def test_validate_event_rejects_bad_explicit_event_types(event_type: Any) -> Non
 
 
 def test_validate_event_accepts_an_explicit_event_type_at_the_limit() -> None:
-    event_type = "t" * MAX_EVENT_TYPE_LENGTH
+    event_type = "t" * EVENT_TYPE_MAX
     assert validate_event("ep", {}, max_payload_bytes=LIMIT,
                           event_type=event_type).event_type == event_type
 
@@ -187,7 +187,7 @@ def test_event_type_of_picks_type_then_event(data: dict[str, Any], expected: str
 
 
 def test_event_type_of_truncates_to_the_event_type_limit() -> None:
-    assert event_type_of({"type": "t" * 1000}) == "t" * MAX_EVENT_TYPE_LENGTH
+    assert event_type_of({"type": "t" * 1000}) == "t" * EVENT_TYPE_MAX
 
 
 def test_validate_event_takes_the_event_type_from_the_payload_when_not_given() -> None:
@@ -312,12 +312,12 @@ def test_validate_event_types_accepts_any_iterable() -> None:
 
 
 def test_validate_event_types_accepts_the_length_limit() -> None:
-    assert validate_event_types(["t" * MAX_EVENT_TYPE_LENGTH]) == ("t" * MAX_EVENT_TYPE_LENGTH,)
+    assert validate_event_types(["t" * EVENT_TYPE_MAX]) == ("t" * EVENT_TYPE_MAX,)
 
 
 @pytest.mark.parametrize(
     "values",
-    [[""], ["a", ""], [1], ["a", None], ["t" * (MAX_EVENT_TYPE_LENGTH + 1)]],
+    [[""], ["a", ""], [1], ["a", None], ["t" * (EVENT_TYPE_MAX + 1)]],
     ids=repr,
 )
 def test_validate_event_types_rejects_empty_long_or_non_string_entries(values: Any) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from worker.delivery.retry import next_delay, parse_retry_after
+from worker.core.retry import next_delay, parse_retry_after
 from worker.settings import DEFAULT_RETRY_SCHEDULE, STANDARD_RETRY_SCHEDULE
 
 SCHEDULES = {"default": DEFAULT_RETRY_SCHEDULE, "standard": STANDARD_RETRY_SCHEDULE}

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import pytest
 
-from worker.delivery.netpolicy import embedded_ipv4, is_allowed, is_public
+from worker.core.netpolicy import embedded_ipv4, is_allowed, is_public
 
 PUBLIC = [
     "8.8.8.8",

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.delivery.models import (
+from worker.core.models import (
     AttemptRecord,
     Delivery,
     DeliveryStatus,
@@ -15,7 +15,7 @@ from worker.delivery.models import (
     Outcome,
     OutcomeKind,
 )
-from worker.delivery.outcome import SLOW_DOWN_STATUSES, classify, decide
+from worker.core.outcome import SLOW_DOWN_STATUSES, classify, decide
 from worker.settings import DEFAULT_RETRY_SCHEDULE, STANDARD_RETRY_SCHEDULE
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -26,7 +26,7 @@ REDIRECT_STATUSES = list(range(300, 400))
 OTHER_STATUSES = [s for s in range(100, 600) if not 200 <= s < 400 and s != 410]
 RETRYABLE_ERRORS = [ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.DNS, ErrorKind.TLS,
                     ErrorKind.PROTOCOL]
-FAILED_ERRORS = [ErrorKind.INVALID_URL, ErrorKind.ENDPOINT_DISABLED]
+FAILED_ERRORS = [ErrorKind.INVALID_URL, ErrorKind.INVALID_SECRET]
 
 
 def _delivery(attempts: int = 0) -> Delivery:
@@ -153,7 +153,7 @@ def test_classify_invalid_url_and_endpoint_disabled_fail_at_once(kind: ErrorKind
 @pytest.mark.parametrize(
     ("kind", "verdict"),
     [(ErrorKind.BLOCKED, OutcomeKind.BLOCKED), (ErrorKind.INVALID_URL, OutcomeKind.FAILED),
-     (ErrorKind.ENDPOINT_DISABLED, OutcomeKind.FAILED)],
+     (ErrorKind.INVALID_SECRET, OutcomeKind.FAILED)],
 )
 def test_classify_terminal_error_kind_wins_over_any_status(
     status: int, kind: ErrorKind, verdict: OutcomeKind

@@ -10,7 +10,7 @@ import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
 
-from worker.errors import InvalidSecret, InvalidSignature
+from worker.core.errors import InvalidSecret, InvalidSignature
 
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 24

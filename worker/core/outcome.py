@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from worker.delivery.models import (
+from worker.core.models import (
     AttemptRecord,
     Delivery,
     DeliveryStatus,
@@ -15,13 +15,11 @@ from worker.delivery.models import (
     Outcome,
     OutcomeKind,
 )
-from worker.delivery.retry import next_delay, parse_retry_after
+from worker.core.retry import next_delay, parse_retry_after
 
 # Statuses whose Retry-After is honoured ("slow down").
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
-TERMINAL_ERRORS = frozenset({
-    ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.INVALID_SECRET, ErrorKind.ENDPOINT_DISABLED,
-})
+TERMINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.INVALID_SECRET})
 
 
 def classify(result: HttpResult, *, now: datetime | None = None) -> Outcome:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import orjson
 
-from worker.errors import InvalidEndpoint, InvalidEvent
+from worker.core.errors import InvalidEndpoint, InvalidEvent
+from worker.core.models import (
+    ENDPOINT_ID_MAX,
+    EVENT_TYPE_MAX,
+    IDEMPOTENCY_KEY_MAX,
+    REJECTED_EXCERPT_BYTES,
+)
 
-ENDPOINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-MAX_KEY_LENGTH = 255
+ENDPOINT_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{ENDPOINT_ID_MAX - 1}}}")
 MAX_URL_LENGTH = 2048
-MAX_EVENT_TYPE_LENGTH = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,7 @@ def event_type_of(event_data: dict[str, Any]) -> str | None:
     for key in ("type", "event"):
         value = event_data.get(key)
         if isinstance(value, str) and value:
-            return value[:MAX_EVENT_TYPE_LENGTH]
+            return value[:EVENT_TYPE_MAX]
     return None
 
 
@@ -62,8 +66,22 @@ def encode_payload(event_data: Any, max_bytes: int) -> bytes:
     return body
 
 
+def is_endpoint_id(value: object) -> TypeGuard[str]:
+    """1-128 of letters, digits, '.', '_', ':', '-', starting with a letter or digit."""
+    return isinstance(value, str) and ENDPOINT_ID_RE.fullmatch(value) is not None
+
+
+def rejected_payload(event_data: Any, limit: int) -> bytes:
+    """What to keep of a refused payload: its JSON if small enough, else a bounded prefix."""
+    try:
+        body = orjson.dumps(event_data)
+    except (TypeError, ValueError):
+        return repr(event_data)[:REJECTED_EXCERPT_BYTES].encode()
+    return body if len(body) <= limit else body[:REJECTED_EXCERPT_BYTES]
+
+
 def check_webhook_id(value: Any) -> str:
-    if not isinstance(value, str) or not ENDPOINT_ID_RE.fullmatch(value):
+    if not is_endpoint_id(value):
         raise InvalidEvent(
             "invalid_webhook_id",
             f"webhook_id must be an endpoint id (letters, digits, . _ : -), not {value!r:.80}",
@@ -81,14 +99,14 @@ def validate_event(
 ) -> ValidEvent:
     """One event checked and serialised; raises InvalidEvent with a stable `code`."""
     endpoint_id = check_webhook_id(webhook_id)
-    key = _optional_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH)
-    explicit_type = _optional_text(event_type, "event_type", MAX_EVENT_TYPE_LENGTH)
+    key = _optional_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX)
+    explicit_type = _optional_text(event_type, "event_type", EVENT_TYPE_MAX)
     body = encode_payload(event_data, max_payload_bytes)
     return ValidEvent(endpoint_id, body, explicit_type or event_type_of(event_data), key)
 
 
 def validate_endpoint_id(value: str) -> str:
-    if not isinstance(value, str) or not ENDPOINT_ID_RE.fullmatch(value):
+    if not is_endpoint_id(value):
         raise InvalidEndpoint(
             f"endpoint id {value!r} must be 1-128 of letters, digits, '.', '_', ':', '-'"
         )
@@ -127,7 +145,7 @@ def validate_event_types(values: Any) -> tuple[str, ...]:
         return ()
     out = []
     for value in values:
-        if not isinstance(value, str) or not value or len(value) > MAX_EVENT_TYPE_LENGTH:
+        if not isinstance(value, str) or not value or len(value) > EVENT_TYPE_MAX:
             raise InvalidEndpoint(f"event type {value!r} must be a non-empty string")
         out.append(value)
     return tuple(dict.fromkeys(out))

@@ -1,0 +1,76 @@
+"""The delivery engine of one process: its parts, wired together inside the running loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+from worker.core.clock import SYSTEM_CLOCK, Clock
+from worker.db.connection import create_engine
+from worker.db.store import Store
+from worker.delivery.intake import Intake, IntakeConfig
+from worker.delivery.scheduler import Scheduler, SchedulerConfig
+from worker.delivery.sender import Sender, SenderConfig
+from worker.delivery.sweeper import SweepConfig, Sweeper
+from worker.delivery.writer import OutcomeWriter, WriterConfig
+from worker.settings import Settings
+
+log = logging.getLogger("webhooks.engine")
+
+
+class Engine:
+    """Store, sender, scheduler, outcome writer, intake and sweeper of one process.
+
+    Build it inside the loop that will run it: the database engine and the HTTP session
+    belong to that loop.
+    """
+
+    def __init__(self, settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.db = create_engine(settings)
+        self.store = Store(self.db)
+        self.sender = Sender(SenderConfig.from_settings(settings))
+        self.writer = OutcomeWriter(WriterConfig.from_settings(settings), self.store, clock=clock)
+        self.scheduler = Scheduler(SchedulerConfig.from_settings(settings), self.sender,
+                                   self.writer, rand=rand, clock=clock)
+        self.intake = Intake(IntakeConfig.from_settings(settings), self.store, self.scheduler,
+                             clock=clock)
+        self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler)
+        self._stats_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.sender.open()
+        self.writer.start()
+        self.scheduler.start()
+        self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
+        log.info("engine started (in-flight bound %d, database %s)", self.settings.max_in_flight,
+                 self.db.url.render_as_string(hide_password=True))
+
+    async def stop(self) -> None:
+        """Let running attempts finish (within the shutdown grace), write their outcomes."""
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        await self.scheduler.stop(self.settings.shutdown_grace)
+        await self.writer.close()
+        await self.sender.close()
+        await self.db.dispose()
+        log.info("engine stopped: %s", self.stats())
+
+    def stats(self) -> dict[str, int]:
+        return {**self.scheduler.stats, **self.writer.stats}
+
+    async def _log_stats(self) -> None:
+        """One line per `stats_interval` while there is work, for the journal."""
+        scheduler, last = self.scheduler, self.stats()
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            now = self.stats()
+            if now != last or scheduler.in_flight or scheduler.waiting:
+                log.info("engine: %d attempted, %d recorded (+%d), %d in flight, %d queued, "
+                         "%d lease lost, %d write failures", now["attempted"], now["recorded"],
+                         now["recorded"] - last["recorded"], scheduler.in_flight,
+                         scheduler.waiting, now["lease_lost"], now["write_failures"])
+            last = now
