@@ -8,6 +8,7 @@ from celery import Celery, signals
 
 from worker import logs
 from worker.settings import get_settings
+from worker.transport import TRANSPORT
 
 settings = get_settings()
 
@@ -15,6 +16,8 @@ app = Celery("webhooks", include=["worker.tasks.webhook_delivery"])
 _transport = {"visibility_timeout": settings.visibility_timeout}
 app.conf.update(
     broker_url=settings.broker_url,
+    # Kombu's Redis transport, hardened against what it may find on the queue.
+    broker_transport=TRANSPORT if settings.broker_url.startswith("redis://") else None,
     result_backend=settings.result_backend,
     task_ignore_result=settings.result_backend is None,
     # Above the hard time limit, so no running task is handed to a second worker.
@@ -32,7 +35,8 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_max_tasks_per_child=settings.max_tasks_per_child,
     worker_concurrency=settings.concurrency,
-    # Gathering needs many unacked messages in hand: prefetch must exceed the gather size.
+    # Gathering needs many unacknowledged messages in hand: prefetch must exceed the gather
+    # size.
     worker_prefetch_multiplier=max(settings.prefetch_multiplier, settings.gather_size + 1),
     worker_hijack_root_logger=False,
     worker_soft_shutdown_timeout=settings.shutdown_grace,

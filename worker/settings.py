@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(5, ge=1, validation_alias=_env("WEBHOOKS_DB_POOL_SIZE"))
 
-    # Gathering single-event messages (celery-batches)
+    # Gathering single-event messages (the engine commits them in groups)
     gather_size: int = Field(100, ge=1, validation_alias=_env("WEBHOOKS_GATHER_SIZE"))
     gather_interval: float = Field(0.05, gt=0, validation_alias=_env("WEBHOOKS_GATHER_INTERVAL"))
     max_events_per_message: int = Field(
@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     request_timeout: float = Field(15.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEST_TIMEOUT"))
     accept_timeout: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_ACCEPT_TIMEOUT"))
     requeue_delay: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_REQUEUE_DELAY"))
+    max_requeue_delay: float = Field(
+        60.0, gt=0, validation_alias=_env("WEBHOOKS_MAX_REQUEUE_DELAY")
+    )
+    rescue_after: float = Field(90.0, gt=0, validation_alias=_env("WEBHOOKS_RESCUE_AFTER"))
+    rescue_interval: float = Field(15.0, gt=0, validation_alias=_env("WEBHOOKS_RESCUE_INTERVAL"))
+    poison_tries: int = Field(3, ge=1, validation_alias=_env("WEBHOOKS_POISON_TRIES"))
     response_excerpt_bytes: int = Field(
         2048, ge=0, validation_alias=_env("WEBHOOKS_RESPONSE_EXCERPT_BYTES")
     )
@@ -145,6 +151,9 @@ class Settings(BaseSettings):
             raise ValueError("the soft time limit must be below the hard time limit")
         if self.visibility_timeout <= self.task_time_limit:
             raise ValueError("the Redis visibility timeout must exceed the task hard time limit")
+        if self.rescue_after <= self.accept_timeout:
+            raise ValueError("WEBHOOKS_RESCUE_AFTER must exceed WEBHOOKS_ACCEPT_TIMEOUT: a message "
+                             "still being committed must not count as abandoned")
         if self.lease_seconds <= self.request_timeout:
             raise ValueError("the delivery lease must outlast one request (request_timeout)")
         return self

@@ -266,3 +266,41 @@ def engine_parts() -> Callable[..., Awaitable[EngineParts]]:
                            Sweeper(SweepConfig.from_settings(settings), store, scheduler))
 
     return build
+
+
+# A clock the tests move by hand (the engine's parts take `clock=`).
+
+from datetime import UTC, datetime  # noqa: E402
+
+
+class FakeClock:
+    """A `Clock` that stands still until `advance`: monotonic(), time() and now() move together.
+
+    It starts at a fixed instant, so nothing computed from it depends on when, or how fast,
+    the test runs.
+    """
+
+    def __init__(self, start: float = 1_750_000_000.0) -> None:
+        self._monotonic = 1_000.0
+        self._time = start
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def time(self) -> float:
+        return self._time
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._time, UTC)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        self._monotonic += seconds
+        self._time += seconds
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A FakeClock, standing still until the test calls `fake_clock.advance(seconds)`."""
+    return FakeClock()

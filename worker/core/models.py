@@ -103,6 +103,7 @@ class Incoming:
     message_id: str  # Celery task id of the carrying message, plus a position
     event: EventIn
     problem: InvalidEvent | None = None  # why the message itself could not be read
+    excerpt: bytes | None = None  # the start of an unreadable message, kept with its rejection
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,10 @@ def rejected_payload(event_data: Any, limit: int) -> bytes:
     try:
         body = orjson.dumps(event_data)
     except (TypeError, ValueError):
-        return repr(event_data)[:REJECTED_EXCERPT_BYTES].encode()
+        try:
+            return repr(event_data)[:REJECTED_EXCERPT_BYTES].encode("utf-8", "replace")
+        except RecursionError:
+            return b"(nested too deeply to show)"
     return body if len(body) <= limit else body[:REJECTED_EXCERPT_BYTES]
 
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.db.connection import create_engine
 from worker.db.store import Store
+from worker.delivery.gatherer import GatherConfig, Gatherer
 from worker.delivery.intake import Intake, IntakeConfig
+from worker.delivery.rescuer import RescueConfig, Rescuer
 from worker.delivery.scheduler import Scheduler, SchedulerConfig
 from worker.delivery.sender import Sender, SenderConfig
 from worker.delivery.sweeper import SweepConfig, Sweeper
@@ -21,7 +23,7 @@ log = logging.getLogger("webhooks.engine")
 
 
 class Engine:
-    """Store, sender, scheduler, outcome writer, intake and sweeper of one process.
+    """Store, sender, scheduler, outcome writer, intake, gatherer and sweeper of one process.
 
     Build it inside the loop that will run it: the database engine and the HTTP session
     belong to that loop.
@@ -39,12 +41,16 @@ class Engine:
         self.intake = Intake(IntakeConfig.from_settings(settings), self.store, self.scheduler,
                              clock=clock)
         self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler)
+        self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
+        self.rescuer: Rescuer | None = None  # only where the broker is consumed
+        self._clock = clock
         self._stats_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.sender.open()
         self.writer.start()
         self.scheduler.start()
+        self.gatherer.start()
         self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
         log.info("engine started (in-flight bound %d, database %s)", self.settings.max_in_flight,
                  self.db.url.render_as_string(hide_password=True))
@@ -53,14 +59,25 @@ class Engine:
         """Let running attempts finish (within the shutdown grace), write their outcomes."""
         if self._stats_task is not None:
             self._stats_task.cancel()
+        if self.rescuer is not None:
+            await self.rescuer.close()
+        await self.gatherer.close()
         await self.scheduler.stop(self.settings.shutdown_grace)
         await self.writer.close()
         await self.sender.close()
         await self.db.dispose()
         log.info("engine stopped: %s", self.stats())
 
+    def start_rescuer(self) -> None:
+        """Rescue messages dead workers left unacknowledged (once per process)."""
+        if self.rescuer is None:
+            self.rescuer = Rescuer(RescueConfig.from_settings(self.settings), self.intake.accept,
+                                   clock=self._clock)
+            self.rescuer.start()
+
     def stats(self) -> dict[str, int]:
-        return {**self.scheduler.stats, **self.writer.stats}
+        rescued = self.rescuer.stats if self.rescuer is not None else {}
+        return {**self.scheduler.stats, **self.writer.stats, **self.gatherer.stats, **rescued}
 
     async def _log_stats(self) -> None:
         """One line per `stats_interval` while there is work, for the journal."""

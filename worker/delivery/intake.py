@@ -45,6 +45,11 @@ class IntakeConfig:
         return cls(s.max_payload_bytes, s.accept_timeout, s.lease_seconds, s.idempotency_window)
 
 
+def _identity(item: Incoming) -> tuple[str, str]:
+    """What a delivery id derives from: the message and the endpoint."""
+    return item.message_id, str(item.event.webhook_id)
+
+
 def _endpoint_id_for_record(value: Any) -> str:
     return str(value)[:ENDPOINT_ID_MAX]
 
@@ -61,7 +66,8 @@ class Intake:
         e = item.event
         if item.problem is not None:
             return Rejection(webhook_id=_endpoint_id_for_record(e.webhook_id),
-                             code=item.problem.code, message=str(item.problem))
+                             code=item.problem.code, message=str(item.problem),
+                             payload=item.excerpt)
         try:
             return validate_event(
                 e.webhook_id, e.event_data, max_payload_bytes=self.config.max_payload_bytes,
@@ -74,8 +80,13 @@ class Intake:
             )
 
     async def accept(self, items: Sequence[Incoming]) -> AcceptReport:
-        """Validate, commit (one transaction), queue. Returns once the batch is durable."""
-        checked = [(item.message_id, self._check(item)) for item in items]
+        """Validate, commit (one transaction), queue. Returns once the batch is durable.
+
+        An item that came earlier in `items` (the broker handed the same message over twice)
+        is counted as a duplicate, never sent twice.
+        """
+        unique = list({_identity(item): item for item in reversed(items)}.values())[::-1]
+        checked = [(item.message_id, self._check(item)) for item in unique]
         valid = [(mid, ev) for mid, ev in checked if isinstance(ev, ValidEvent)]
         rejections = [(mid, r) for mid, r in checked if isinstance(r, Rejection)]
         eps = await self.store.endpoints_by_id(ev.webhook_id for _, ev in valid)
@@ -94,7 +105,9 @@ class Intake:
             pending.append(Delivery(id=delivery_id, endpoint_id=ep.id, url=ep.url,
                                     secrets=ep.secrets, payload=ev.payload,
                                     event_type=ev.event_type))
-        return await self._commit(rows, pending, rejections)
+        report = await self._commit(rows, pending, rejections)
+        report.duplicates += len(items) - len(unique)
+        return report
 
     async def _commit(self, rows: list[dict[str, Any]], pending: list[Delivery],
                       rejections: list[tuple[str, Rejection]]) -> AcceptReport:

@@ -134,6 +134,17 @@ class EngineRuntime:
 
     # -- what the task shells ask for ------------------------------------------------------
 
+    def gather_threadsafe(self, items: Sequence[Incoming], settle: Callable[[], object]) -> None:
+        """Hand one message's events to the gatherer; `settle` runs (on the engine thread)
+        once they are durable. Returns at once."""
+        engine, loop = self._running()
+        loop.call_soon_threadsafe(engine.gatherer.add, items, settle)
+
+    def start_rescuer_threadsafe(self) -> None:
+        """Start rescuing messages that dead workers left unacknowledged in the broker."""
+        engine, loop = self._running()
+        loop.call_soon_threadsafe(engine.start_rescuer)
+
     def accept_threadsafe(
         self, items: Sequence[Incoming]
     ) -> concurrent.futures.Future[AcceptReport]:

@@ -231,6 +231,7 @@ class Scheduler:
             if not parked:
                 del self._parked[endpoint]
             self._start(nxt)
+            self._signal_room()
         else:
             self._slots.release()
         if not task.cancelled() and task.exception() is not None:

@@ -1,7 +1,7 @@
 """The delivery engine alone: pre-built deliveries, no broker, no database.
 
-For the bench's `engine` mode and for embedding: the same scheduler, outcome writer, sender and in-flight
-bound as the worker, with outcomes kept in memory.
+For the bench's `engine` mode and for embedding: the same scheduler, outcome writer, sender
+and in-flight bound as the worker, with outcomes kept in memory.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ class OutcomeWriter:
         self._listeners: list[Written] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._failing = False  # while writes fail, only the backoff wakes the writer
         self.stats = {"recorded": 0, "write_failures": 0, "spilled": 0}
 
     @property
@@ -74,7 +75,7 @@ class OutcomeWriter:
 
     def add(self, record: AttemptRecord) -> None:
         self._unwritten.append(record)
-        if len(self._unwritten) >= self.config.flush_size:
+        if len(self._unwritten) >= self.config.flush_size and not self._failing:
             self._flush_now.set()
 
     def give_back(self, ids: Sequence[str]) -> None:
@@ -109,6 +110,8 @@ class OutcomeWriter:
             try:
                 await self._write_one_batch()
             except Exception as exc:
+                self._failing = True
+                self._flush_now.clear()
                 if self._closing:
                     failures_while_closing += 1
                     if failures_while_closing >= FINAL_WRITE_TRIES:
@@ -121,13 +124,14 @@ class OutcomeWriter:
                     await asyncio.sleep(min(backoff, 1.0))
                 continue
             backoff = self.config.flush_interval
+            self._failing = False
+            if self._unwritten:
+                self._flush_now.set()
 
     async def _write_one_batch(self) -> None:
         # Bounded transactions: a backlog is written as several, never as one huge one.
         batch = self._unwritten[: self.config.flush_size]
         del self._unwritten[: len(batch)]
-        if self._unwritten:
-            self._flush_now.set()
         try:
             await self._recorder.record_attempts(batch)
         except Exception:

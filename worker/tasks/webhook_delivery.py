@@ -17,22 +17,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from celery import Task
-from celery.concurrency.solo import TaskPool as SoloPool
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
-from celery_batches import Batches, SimpleRequest
+from celery.worker.strategy import default as default_strategy
 
 from worker.celery_app import app, settings
 from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
 from worker.core.messages import (
+    DELIVER_EVENT,
     FAN_OUT_FIELDS,
     event_from_mapping,
     fan_out_body,
     incoming,
+    message_events,
     single_event,
 )
 from worker.core.models import AcceptReport, EventIn, Incoming
 from worker.core.validation import validate_event
+from worker.delivery.rescuer import rescuable
 from worker.delivery.runtime import get_runtime
 
 log = logging.getLogger("webhooks.tasks")
@@ -59,103 +61,6 @@ def _summary(report: AcceptReport) -> dict[str, Any]:
                          for r in report.rejected]}
 
 
-# -- single events, gathered ------------------------------------------------------------------
-
-
-class GatheredEvents(Batches):  # type: ignore[misc]
-    """Single-event messages gathered so one commit covers many of them.
-
-    In a prefork pool a gathered batch runs in a child like any task. In the solo pool the
-    batch would block the consumer while it commits; there the commit runs on the engine
-    loop and the messages are acknowledged on the consumer loop once it has landed.
-    """
-
-    _hub: Any = None
-
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        _producer_check(single_event(args, kwargs))
-        return super().apply_async(args, kwargs, **options)
-
-    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
-        if isinstance(consumer.pool, SoloPool) and consumer.hub is not None:
-            self._hub = consumer.hub
-            log.info("solo pool: gathered events commit beside the consumer, acked on landing")
-        return super().Strategy(task, app, consumer)
-
-    def flush(self, requests: Sequence[Any]) -> Any:
-        if self._hub is None:
-            return super().flush(requests)
-        simple = [SimpleRequest.from_request(r) for r in requests]
-        items = _gathered_items(simple)
-        try:
-            future = get_runtime().accept_threadsafe(items)
-        except Exception as exc:  # not committed: keep the messages
-            self._settle(requests, simple, exc)
-            return None
-        hub = self._hub
-
-        def landed(done: Any) -> None:
-            exc = EngineUnavailable("commit cancelled") if done.cancelled() else done.exception()
-            hub.call_soon(self._settle, requests, simple, exc)
-
-        future.add_done_callback(landed)
-        return None
-
-    @staticmethod
-    def _settle(requests: Sequence[Any], simple: list[SimpleRequest],
-                exc: BaseException | None) -> None:
-        """On the consumer loop: republish what did not commit, then acknowledge."""
-        if exc is not None:
-            _republish(simple, exc)
-        for request in requests:
-            request.acknowledge()
-
-
-def _gathered_items(requests: Sequence[SimpleRequest]) -> list[Incoming]:
-    return [incoming(f"{r.id}:0", single_event, r.args, r.kwargs) for r in requests]
-
-
-@app.task(
-    base=GatheredEvents,
-    name="webhooks.deliver_event",
-    flush_every=settings.gather_size,
-    flush_interval=settings.gather_interval,
-    acks_late=True,
-)
-def deliver_webhook_event(requests: list[SimpleRequest]) -> None:
-    """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`."""
-    items = _gathered_items(requests)
-    try:
-        report = get_runtime().accept_blocking(items)
-    except Exception as exc:
-        _republish(requests, exc)
-        return
-    log.debug("took %d events: %d new, %d duplicate, %d rejected", len(items),
-              len(report.accepted), report.duplicates, len(report.rejected))
-
-
-def _republish(requests: Sequence[SimpleRequest], exc: BaseException) -> None:
-    """Hand the messages back to the broker under the same ids: gathered tasks are acked on
-    return whatever happens, so this is how an uncommitted event stays in the broker."""
-    log.warning("could not commit %d events (%s: %s); republishing them in %.1fs",
-                len(requests), type(exc).__name__, exc, settings.requeue_delay,
-                exc_info=not isinstance(exc, NOT_COMMITTED))
-    try:
-        for r in requests:
-            # send_task, not apply_async: a malformed message goes back as it came, to be
-            # recorded as rejected once the database is back.
-            app.send_task("webhooks.deliver_event", args=r.args, kwargs=r.kwargs, task_id=r.id,
-                          countdown=settings.requeue_delay)
-    except Exception:
-        log.critical("could not republish %d events either; exiting without acknowledging "
-                     "them so the broker redelivers them", len(requests), exc_info=True)
-        logging.shutdown()
-        os._exit(70)
-
-
-# -- many events in one message ---------------------------------------------------------------
-
-
 class ValidatedTask(Task):  # type: ignore[type-arg]
     """Checks producer calls in the producer's process, where the error can be caught."""
 
@@ -171,6 +76,71 @@ class ValidatedTask(Task):  # type: ignore[type-arg]
     ) -> AsyncResult[Any]:
         self.check_call(tuple(args or ()), dict(kwargs or {}))
         return super().apply_async(args, kwargs, *more, **options)
+
+
+# -- single events, gathered by the engine --------------------------------------------------
+
+
+class SingleEventTask(ValidatedTask):
+    """`deliver_event` messages skip Celery's per-task machinery: the consumer reads each one
+    (never trusting it), hands its event to the engine's gatherer, and acknowledges it once
+    the commit has landed. A message that cannot be read is recorded as rejected; one that
+    could not be committed stays unacknowledged, so the broker keeps it.
+    """
+
+    def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        _producer_check(single_event(args, kwargs))
+
+    Strategy = "worker.tasks.webhook_delivery:single_event_strategy"
+
+
+def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
+    """Celery's hook for how a task's messages are handled as they arrive (consumer side)."""
+    if consumer.hub is None:  # no event loop to acknowledge on: run as a plain task
+        return default_strategy(task, app, consumer)
+    runtime = get_runtime()
+    if rescuable(settings.broker_url):
+        runtime.start_rescuer_threadsafe()
+    max_events = settings.max_events_per_message
+    connection_errors = consumer.connection_errors
+    log.info("single events are gathered by the engine of pid %d", os.getpid())
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
+                   **_: Any) -> None:
+        items = message_events(message.headers, _raw_body(message), message.decode, max_events)
+        # `ack` queues message.ack_log_error(logger, errors) on the consumer's loop.
+        runtime.gather_threadsafe(items, lambda: ack(log, connection_errors))
+
+    return on_message
+
+
+def _raw_body(message: Any) -> bytes:
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    return str(body).encode("utf-8", "replace")
+
+
+@app.task(bind=True, base=SingleEventTask, name=DELIVER_EVENT, acks_late=True, max_retries=None)
+def deliver_webhook_event(
+    self: Task,  # type: ignore[type-arg]
+    webhook_id: str,
+    event_data: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`.
+
+    Runs as a task only in a worker without an event loop; otherwise the strategy above
+    takes the message.
+    """
+    item = Incoming(f"{self.request.id}:0", EventIn(webhook_id, event_data, idempotency_key))
+    try:
+        return _summary(get_runtime().accept_blocking([item]))
+    except Exception as exc:
+        _retry_later(self, exc, 1)
+
+
+# -- many events in one message ---------------------------------------------------------------
 
 
 class EventBatchTask(ValidatedTask):

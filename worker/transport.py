@@ -1,0 +1,70 @@
+"""Kombu's Redis transport, made to survive what it finds on the queue.
+
+Stock kombu stops the worker on a queue item that is not JSON, lacks its properties, or
+carries a body that does not decode; the worker then crash-loops on the same item. Here an
+item that is no message at all is logged and dropped (it has no task and no id to record
+it under), and a message whose envelope is damaged is repaired far enough to reach its
+task, whose own reading records it as rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import Message as VirtualMessage
+
+log = logging.getLogger("webhooks.transport")
+
+TRANSPORT = "worker.transport:Transport"
+
+
+class TolerantMessage(VirtualMessage):
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("broker message with a damaged envelope (%s: %s); passing it on as is",
+                      type(exc).__name__, exc)
+            super().__init__(_repaired(payload), channel=channel, **kwargs)
+
+
+def _repaired(payload: Any) -> dict[str, Any]:
+    """An envelope kombu accepts, with the body left undecoded for the task to judge."""
+    if not isinstance(payload, dict):
+        payload = {"body": str(payload)}
+    properties = payload.get("properties")
+    properties = dict(properties) if isinstance(properties, dict) else {}
+    properties.setdefault("delivery_tag", str(uuid.uuid4()))
+    properties["body_encoding"] = None
+    properties.setdefault("delivery_info", {"exchange": "", "routing_key": "celery"})
+    headers = payload.get("headers")
+    body = payload.get("body")
+    return {**payload, "properties": properties,
+            "headers": headers if isinstance(headers, dict) else {},
+            "body": body if isinstance(body, str | bytes) else str(body)}
+
+
+class Channel(kombu_redis.Channel):
+    Message = TolerantMessage
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)  # type: ignore[misc]
+        except ValueError as exc:  # kombu's loads() on an item that is not JSON
+            log.error("dropped a queue item that is not a message (not JSON): %s", exc)
+            return True
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        try:
+            return super()._get(queue)
+        except ValueError as exc:
+            log.error("dropped a queue item that is not a message (not JSON): %s", exc)
+            raise Empty() from exc
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
