@@ -28,7 +28,8 @@ def single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -
     fields = dict(zip(SINGLE_FIELDS, args, strict=False))
     unknown = set(kwargs) - set(SINGLE_FIELDS)
     if unknown:
-        raise InvalidEvent("bad_arguments", f"unknown argument(s): {', '.join(sorted(unknown))}")
+        names = ", ".join(sorted(map(str, unknown)))
+        raise InvalidEvent("bad_arguments", f"unknown argument(s): {names}")
     twice = set(fields) & set(kwargs)
     if twice:
         raise InvalidEvent("bad_arguments", f"argument(s) given twice: {', '.join(sorted(twice))}")

@@ -118,8 +118,7 @@ class Gatherer:
             else:
                 self.stats["committed"] += len(items)
             delay, unexpected = self.config.retry_delay, 0
-            for message in group:
-                message.settle()
+            _settle_all(group)
 
     def _take_group(self) -> list[_Message]:
         group: list[_Message] = []
@@ -153,6 +152,13 @@ class Gatherer:
             return group
         log.error("recorded %d events as rejected after %d failed commits", len(items),
                   MAX_UNEXPECTED_FAILURES, exc_info=exc)
-        for message in group:
-            message.settle()
+        _settle_all(group)
         return []
+
+
+def _settle_all(group: Sequence[_Message]) -> None:
+    for message in group:
+        try:
+            message.settle()
+        except Exception:  # an ack that failed leaves its message to the broker: harmless
+            log.exception("could not acknowledge a committed message")

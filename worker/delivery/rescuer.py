@@ -24,7 +24,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from worker.core.clock import SYSTEM_CLOCK, Clock
-from worker.core.errors import InvalidEvent
+from worker.core.errors import InvalidEvent, StoreUnavailable
 from worker.core.messages import (
     DELIVER_EVENT,
     DELIVER_EVENTS,
@@ -45,8 +45,11 @@ UNACKED_INDEX_KEY = "unacked_index"
 # Per delivery tag: rescues begun and not finished. Ours alone.
 TRIES_KEY = "webhooks.rescue-tries"
 TRIES_TTL_SECONDS = 7 * 86400
-# Messages looked at per round.
+# Index entries read per round trip, and at most per round.
 BATCH = 200
+MAX_PER_ROUND = 10_000
+# Failures that say "the broker or the database is away", not "a bug".
+EXPECTED = (RedisError, OSError, StoreUnavailable, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +101,10 @@ class Rescuer:
             try:
                 await self.rescue_once()
                 failing = False
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # broker or database away: try again next round
                 if not failing:  # one line per outage, not one per round
-                    log.warning("rescue of unacknowledged messages paused: %s", exc)
+                    log.warning("rescue of unacknowledged messages paused: %s: %s",
+                                type(exc).__name__, exc, exc_info=not isinstance(exc, EXPECTED))
                 failing = True
 
     async def rescue_once(self) -> int:
@@ -109,24 +113,29 @@ class Rescuer:
         if redis is None:
             raise RuntimeError("Rescuer.start() was not called")
         cutoff = self._clock.time() - self.config.rescue_after
-        tags = await redis.zrangebyscore(self.config.unacked_index_key, "-inf", cutoff,
-                                         start=0, num=BATCH)
-        done = 0
-        for tag in tags:
-            if not isinstance(tag, bytes | str):
-                continue
-            entry = await redis.hget(self.config.unacked_key, tag)
-            if entry is None:
-                continue  # acknowledged meanwhile
-            if await self._rescue(redis, tag, entry):
-                done += 1
+        done = offset = 0
+        while offset < MAX_PER_ROUND:
+            # Entries left alone (other tasks') keep their place, so page past them.
+            tags = await redis.zrangebyscore(self.config.unacked_index_key, "-inf", cutoff,
+                                             start=offset, num=BATCH)
+            for tag in tags:
+                if not isinstance(tag, bytes | str):
+                    continue
+                entry = await redis.hget(self.config.unacked_key, tag)
+                if entry is not None and await self._rescue(redis, tag, entry):
+                    done += 1
+                    offset -= 1  # removed: the next page moves up by one
+            offset += len(tags)
+            if len(tags) < BATCH:
+                break
         return done
 
     async def _rescue(self, redis: aioredis.Redis, tag: bytes | str, entry: bytes | str) -> bool:
         payload = _payload_of(entry)
         headers = payload.get("headers") if payload is not None else None
-        if (payload is None or not isinstance(headers, dict)
-                or headers.get("task") not in RESCUED_TASKS):
+        task = headers.get("task") if isinstance(headers, dict) else None
+        if payload is None or not isinstance(headers, dict) or not isinstance(task, str) \
+                or task not in RESCUED_TASKS:
             return False  # not ours: the visibility timeout brings it back
         tries = int(await redis.hincrby(TRIES_KEY, tag, 1))
         await redis.expire(TRIES_KEY, TRIES_TTL_SECONDS)

@@ -194,6 +194,9 @@ def _log_sweep(future: concurrent.futures.Future[tuple[int, int]]) -> None:
 
 _runtime: EngineRuntime | None = None
 _lock = threading.Lock()
+# Runtimes inherited through fork: kept, never collected, so no finalizer of the parent's
+# loop, sockets or database connections runs in the child.
+_inherited: list[EngineRuntime] = []
 
 
 def get_runtime(settings: Settings | None = None) -> EngineRuntime:
@@ -201,6 +204,8 @@ def get_runtime(settings: Settings | None = None) -> EngineRuntime:
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
+            if _runtime is not None:
+                _inherited.append(_runtime)
             runtime = EngineRuntime(settings or get_settings())
             runtime.start()
             _runtime = runtime
