@@ -26,6 +26,9 @@ from worker.core.models import (
 from worker.core.signing import secret_key
 from worker.db.schema import attempts, deliveries, endpoints
 
+# What a database that is away (or refusing) raises.
+UNAVAILABLE = (OperationalError, DBAPIError, OSError)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -87,9 +90,12 @@ class Store:
         wanted = sorted(set(ids))
         if not wanted:
             return {}
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(endpoints).where(endpoints.c.id.in_(wanted)))
-            return {row.id: _endpoint(row) for row in rows}
+        try:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(endpoints).where(endpoints.c.id.in_(wanted)))
+                return {row.id: _endpoint(row) for row in rows}
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
 
     async def list_endpoints(self) -> list[Endpoint]:
         async with self.engine.connect() as conn:
@@ -101,9 +107,12 @@ class Store:
 
         Filtered here rather than in SQL: JSON list operators differ by dialect.
         """
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
-            return [ep for ep in map(_endpoint, rows) if ep.subscribes_to(event_type)]
+        try:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
+                return [ep for ep in map(_endpoint, rows) if ep.subscribes_to(event_type)]
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
 
     async def set_endpoint_enabled(
         self, endpoint_id: str, enabled: bool, reason: str | None = None
@@ -180,7 +189,7 @@ class Store:
                 stmt = self._insert_ignoring_duplicates().returning(deliveries.c.id)
                 result = await conn.execute(stmt, fresh)
                 return {row_id for (row_id,) in result}
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not commit {len(fresh)} deliveries: {exc}") from exc
 
     # -- claiming due work -----------------------------------------------------------------
@@ -306,7 +315,7 @@ class Store:
                                 disabled_reason="receiver answered 410 Gone at "
                                 + now.isoformat(timespec="seconds"))
                     )
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc
 
     async def release(self, ids: Sequence[str], due_at: datetime) -> None:
@@ -321,7 +330,7 @@ class Store:
                            deliveries.c.status == DeliveryStatus.PENDING.value)
                     .values(locked_until=None, next_attempt_at=due_at, updated_at=utcnow())
                 )
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not release {len(ids)} deliveries: {exc}") from exc
 
     # -- housekeeping ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ class EngineRuntime:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._stopping = False
         self._sweep: concurrent.futures.Future[tuple[int, int]] | None = None
 
     # -- life cycle ------------------------------------------------------------------------
@@ -88,12 +89,18 @@ class EngineRuntime:
             await self._stop.wait()
         finally:
             await engine.stop()
+            # Calls still running get an answer (cancelled) instead of vanishing with the loop.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     def stop_blocking(self, timeout: float | None = None) -> None:
         """Drain and stop; waits up to the shutdown grace plus a margin."""
         if self._loop is None or self._stop is None or self._thread is None:
             return
         stop = self._stop
+        self._stopping = True
         try:
             self._loop.call_soon_threadsafe(stop.set)
         except RuntimeError:
@@ -105,7 +112,8 @@ class EngineRuntime:
 
     def _running(self) -> tuple[Engine, asyncio.AbstractEventLoop]:
         engine, loop = self._engine, self._loop
-        if loop is None or engine is None or self._startup_error is not None:
+        if (loop is None or engine is None or self._startup_error is not None
+                or self._stopping or loop.is_closed()):
             raise EngineUnavailable("engine is not running")
         return engine, loop
 

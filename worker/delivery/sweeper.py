@@ -57,7 +57,7 @@ class Sweeper:
         claimed = failed = 0
         while loop.time() < deadline:
             room = min(self.scheduler.room, self.config.sweep_limit)
-            if room < min(MIN_CLAIM, self.config.sweep_limit):
+            if room < min(MIN_CLAIM, self.config.sweep_limit, self.scheduler.config.max_queued):
                 await asyncio.sleep(ROOM_POLL_SECONDS)
                 continue
             got, dead = await self.sweep()

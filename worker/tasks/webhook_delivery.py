@@ -40,7 +40,8 @@ from worker.delivery.runtime import get_runtime
 log = logging.getLogger("webhooks.tasks")
 
 # Failures that mean "not committed, keep the message": never acknowledged as done.
-NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded)
+NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded, OSError,
+                 TimeoutError)
 # Backoff of a message that could not be committed is capped here.
 MAX_REQUEUE_DELAY = 60.0
 # A message whose commit fails for any other reason (a bug) is retried this often, then
