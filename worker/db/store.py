@@ -1,142 +1,43 @@
-"""Every database read and write the worker makes, each one statement or one batch."""
+"""Every database read and write the worker makes, each one statement or one batch.
+
+This module holds the delivery path (intake, claims, outcomes); endpoint records and the
+history (listing, replay, cleanup) live beside it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, insert, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.core.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
+from worker.core.errors import StoreUnavailable
 from worker.core.models import (
     ENDPOINT_ID_MAX,
     AttemptRecord,
     Delivery,
     DeliveryStatus,
-    Endpoint,
     OutcomeKind,
     Refusal,
     Rejection,
     usable_endpoint,
 )
-from worker.core.signing import secret_key
+from worker.db.endpoint_records import EndpointRecords
+from worker.db.history import DeliveryHistory
+from worker.db.rows import UNAVAILABLE, utcnow
 from worker.db.schema import attempts, deliveries, endpoints
 
-# What a database that is away (or refusing) raises.
-UNAVAILABLE = (OperationalError, DBAPIError, OSError)
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _endpoint(row: Any) -> Endpoint:
-    return Endpoint(
-        id=row.id,
-        url=row.url,
-        secrets=tuple(row.secrets),
-        event_types=tuple(row.event_types or ()),
-        enabled=bool(row.enabled),
-        disabled_reason=row.disabled_reason,
-        description=row.description,
-        created_at=row.created_at,
-    )
-
-
-class Store:
-    """The records of one process, over one AsyncEngine."""
+class Store(EndpointRecords, DeliveryHistory):
+    """The records of one process, over one AsyncEngine: endpoints, intake, claims, outcomes,
+    history."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
-
-    # -- endpoints -------------------------------------------------------------------------
-
-    async def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
-        if not endpoint.secrets:
-            raise InvalidEndpoint("an endpoint needs at least one signing secret")
-        for secret in endpoint.secrets:
-            secret_key(secret)
-        now = utcnow()
-        row = {
-            "id": endpoint.id,
-            "url": endpoint.url,
-            "secrets": list(endpoint.secrets),
-            "event_types": list(endpoint.event_types),
-            "enabled": endpoint.enabled,
-            "disabled_reason": endpoint.disabled_reason,
-            "description": endpoint.description,
-            "created_at": now,
-            "updated_at": now,
-        }
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(insert(endpoints), [row])
-        except IntegrityError as exc:
-            raise InvalidEndpoint(f"an endpoint with id {endpoint.id!r} exists already") from exc
-        return await self.get_endpoint(endpoint.id)
-
-    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
-        found = await self.endpoints_by_id([endpoint_id])
-        if endpoint_id not in found:
-            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
-        return found[endpoint_id]
-
-    async def endpoints_by_id(self, ids: Iterable[str]) -> dict[str, Endpoint]:
-        wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        try:
-            async with self.engine.connect() as conn:
-                rows = await conn.execute(select(endpoints).where(endpoints.c.id.in_(wanted)))
-                return {row.id: _endpoint(row) for row in rows}
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
-
-    async def list_endpoints(self) -> list[Endpoint]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(endpoints).order_by(endpoints.c.created_at))
-            return [_endpoint(row) for row in rows]
-
-    async def subscribed_endpoints(self, event_type: str) -> list[Endpoint]:
-        """Enabled endpoints that take `event_type`.
-
-        Filtered here rather than in SQL: JSON list operators differ by dialect.
-        """
-        try:
-            async with self.engine.connect() as conn:
-                rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
-                return [ep for ep in map(_endpoint, rows) if ep.subscribes_to(event_type)]
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
-
-    async def set_endpoint_enabled(
-        self, endpoint_id: str, enabled: bool, reason: str | None = None
-    ) -> None:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id == endpoint_id)
-                .values(enabled=enabled, disabled_reason=None if enabled else reason,
-                        updated_at=utcnow())
-            )
-        if result.rowcount == 0:
-            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
-
-    async def rotate_secret(self, endpoint_id: str, new_secret: str, keep_previous: bool) -> None:
-        secret_key(new_secret)
-        current = await self.get_endpoint(endpoint_id)
-        secrets = [new_secret, *current.secrets[:1]] if keep_previous else [new_secret]
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id == endpoint_id)
-                .values(secrets=secrets, updated_at=utcnow())
-            )
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -332,73 +233,3 @@ class Store:
                 )
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not release {len(ids)} deliveries: {exc}") from exc
-
-    # -- housekeeping ----------------------------------------------------------------------
-
-    async def cleanup(self, older_than: datetime, chunk: int, max_chunks: int = 10_000) -> int:
-        """Delete finished deliveries (and their attempts) created before `older_than`.
-
-        Chunked, one short transaction per chunk, so no lock is held for long.
-        """
-        removed = 0
-        for _ in range(max_chunks):
-            async with self.engine.begin() as conn:
-                ids = list(
-                    (await conn.execute(
-                        select(deliveries.c.id)
-                        .where(deliveries.c.created_at < older_than,
-                               deliveries.c.status != DeliveryStatus.PENDING.value)
-                        .limit(chunk)
-                    )).scalars()
-                )
-                if not ids:
-                    break
-                await conn.execute(delete(attempts).where(attempts.c.delivery_id.in_(ids)))
-                await conn.execute(delete(deliveries).where(deliveries.c.id.in_(ids)))
-            removed += len(ids)
-            if len(ids) < chunk:
-                break
-        return removed
-
-    async def replay(
-        self, ids: Sequence[str] = (), *, endpoint_id: str | None = None, all_failed: bool = False
-    ) -> int:
-        """Make failed deliveries pending again, due now, with a fresh retry budget."""
-        if not ids and not all_failed:
-            return 0
-        conditions = [deliveries.c.status == DeliveryStatus.FAILED.value]
-        if ids:
-            conditions.append(deliveries.c.id.in_(list(ids)))
-        if endpoint_id is not None:
-            conditions.append(deliveries.c.endpoint_id == endpoint_id)
-        now = utcnow()
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(deliveries).where(*conditions).values(
-                    status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=now,
-                    locked_until=None, updated_at=now,
-                )
-            )
-        return int(result.rowcount)
-
-    async def list_deliveries(
-        self, *, status: str | None = None, endpoint_id: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """The newest deliveries, optionally of one status and endpoint (payload left out)."""
-        columns = [c for c in deliveries.c if c.name not in ("payload", "locked_until")]
-        query = select(*columns).order_by(deliveries.c.created_at.desc()).limit(limit)
-        if status is not None:
-            query = query.where(deliveries.c.status == status)
-        if endpoint_id is not None:
-            query = query.where(deliveries.c.endpoint_id == endpoint_id)
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(query)
-            return [{str(k): v for k, v in row._mapping.items()} for row in rows]
-
-    async def status_counts(self) -> dict[str, int]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
-            )
-            return {status: int(count) for status, count in rows}
-
