@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kombu.serialization import loads as kombu_loads
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -34,6 +33,7 @@ from worker.core.messages import (
 )
 from worker.core.models import AcceptReport, Incoming
 from worker.settings import Settings
+from worker.transport import decode_body
 
 log = logging.getLogger("webhooks.rescuer")
 
@@ -185,8 +185,6 @@ def _body_of(payload: dict[str, Any]) -> tuple[bytes, Callable[[], Any]]:
             raw = base64.b64decode(raw, validate=True)
 
     def decode() -> Any:
-        return kombu_loads(raw, payload.get("content-type") or "application/json",
-                           payload.get("content-encoding") or "utf-8",
-                           accept={"application/json"})
+        return decode_body(raw, payload.get("content-type"), payload.get("content-encoding"))
 
     return raw, decode

@@ -26,16 +26,19 @@ from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
 from worker.core.messages import (
     DELIVER_EVENT,
     FAN_OUT_FIELDS,
+    MALFORMED,
     event_from_mapping,
     fan_out_body,
     incoming,
     message_events,
     single_event,
+    unreadable,
 )
 from worker.core.models import AcceptReport, EventIn, Incoming
 from worker.core.validation import validate_event
 from worker.delivery.rescuer import rescuable
 from worker.delivery.runtime import get_runtime
+from worker.transport import decode_body
 
 log = logging.getLogger("webhooks.tasks")
 
@@ -67,6 +70,19 @@ class ValidatedTask(Task):  # type: ignore[type-arg]
 
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         raise NotImplementedError
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """A message Celery could not even call the task with is recorded as rejected."""
+        if isinstance(args, list | tuple) and isinstance(kwargs, Mapping):
+            return
+        problem = InvalidEvent(MALFORMED, "args must be a list and kwargs an object, not "
+                               f"{type(args).__name__} and {type(kwargs).__name__}")
+        excerpt = repr((args, kwargs)).encode("utf-8", "replace")
+        try:
+            get_runtime().accept_blocking([unreadable(f"{task_id}:0", problem, excerpt)])
+        except Exception:
+            log.exception("could not record the malformed message %s as rejected", task_id)
 
     def apply_async(
         self,
@@ -108,7 +124,9 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                    **_: Any) -> None:
-        items = message_events(message.headers, _raw_body(message), message.decode, max_events)
+        raw = _raw_body(message)
+        items = message_events(message.headers, raw, lambda: decode_body(
+            raw, message.content_type, message.content_encoding), max_events)
         # `ack` queues message.ack_log_error(logger, errors) on the consumer's loop.
         runtime.gather_threadsafe(items, lambda: ack(log, connection_errors))
 
