@@ -16,12 +16,22 @@ import asyncpg
 import pytest
 
 from tests.reliability.conftest import StartWorker
-from tests.reliability.harness import FAST, Database, Producer, RedisServer, wait_until
+from tests.reliability.harness import (
+    FAST,
+    Database,
+    Producer,
+    RedisServer,
+    WorkerProcess,
+    run_sql,
+    wait_until,
+)
 from tests.reliability.ledger import Ledger
 from tests.reliability.messages import event_ns
 from tests.reliability.servers import LoopThread, Receiver
 
 RESCUE_LIMIT = 180.0  # seconds from the new worker running to every event delivered
+
+pytestmark = pytest.mark.timeout(RESCUE_LIMIT + 60)  # each test narrows its own below
 
 
 class TableLock:
@@ -56,7 +66,6 @@ class TableLock:
             self.loop.close()
 
 
-@pytest.mark.timeout(RESCUE_LIMIT + 60)
 def test_sigkill_solo_worker_with_committed_and_uncommitted_events_in_flight(
     start_worker: StartWorker, producer: Producer, receiver: Receiver, database: Database,
     redis_server: RedisServer, endpoints: Callable[[dict[str, str]], None],
@@ -118,27 +127,24 @@ def test_sigkill_one_prefork_child_mid_flow(
     endpoints: Callable[[dict[str, str]], None], make_ledger: Callable[[str, str], Ledger],
 ) -> None:
     ledger = make_ledger("sigkill-prefork-child",
-                         "SIGKILL of one busy prefork child (concurrency 2) while 600 single "
-                         "events arrive at 100/s")
+                         "SIGKILL of the prefork child (concurrency 2) caught committing a "
+                         "gathered batch, while 600 single events arrive at 100/s")
     receiver.slow_seconds = 0.3
     endpoints({"ep-child": "slow"})
     worker = start_worker(pool="prefork", concurrency=2, **FAST)
     producer.submit("single", [ledger.single("ep-child") for _ in range(600)], rate=100)
     wait_until(lambda: len(receiver.delivered_ns()) >= 100, 30, "the flow to start")
 
-    pg_port = database.server.port
-
-    def busy_child() -> Any:
-        for child in worker.children():
-            try:
-                if any(c.raddr and c.raddr.port == pg_port for c in child.net_connections("tcp")):
-                    return child
-            except Exception:
-                continue
-        return None
-
-    victim = wait_until(busy_child, 10, "a pool child with database connections")
-    os.kill(victim.pid, signal.SIGKILL)
+    # Hold writes for a moment so a child is caught with a gathered batch it has not
+    # committed yet (its INSERT waits on the lock), then kill exactly that child.
+    lock = TableLock(database.plain_url)
+    try:
+        lock.acquire()
+        victim = wait_until(lambda: _child_waiting_to_insert(worker, database), 15,
+                            "a pool child blocked committing a batch")
+        os.kill(victim.pid, signal.SIGKILL)
+    finally:
+        lock.release()
     killed = time.monotonic()
     producer.result(30)
     ledger.wait_settled(receiver, database, 30)
@@ -147,3 +153,17 @@ def test_sigkill_one_prefork_child_mid_flow(
     assert worker.alive(), f"the worker exited ({worker.returncode}) after losing one child"
     assert victim.pid not in {c.pid for c in worker.children()}
     Ledger.assert_promise(settled, context=f"broker holds {redis_server.event_messages_held()}; ")
+
+
+def _child_waiting_to_insert(worker: WorkerProcess, database: Database) -> Any:
+    """The pool child whose database connection is waiting on a lock in an INSERT."""
+    ports = {r["client_port"] for r in run_sql(database.plain_url, lambda conn: conn.fetch(
+        "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query ILIKE 'INSERT%'"))}
+    for child in worker.children():
+        try:
+            if any(c.laddr and c.laddr.port in ports for c in child.net_connections("tcp")):
+                return child
+        except Exception:
+            continue
+    return None
