@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.reliability.conftest import StartWorker
-from tests.reliability.harness import FAST, Database, Producer, RedisServer
+from tests.reliability.harness import FAST, Database, Producer, RedisServer, wait_until
 from tests.reliability.ledger import Ledger
 from tests.reliability.servers import Receiver
 
@@ -27,6 +27,7 @@ def test_no_fault_every_event_delivered_once(
                              for _ in range(50)]])
     ledger.wait_settled(receiver, database, 30)
     ledger.check(receiver, database, duplicates_allowed=False)
-    assert database.status_counts() == {"succeeded": 100}
+    wait_until(lambda: database.status_counts() == {"succeeded": 100}, 10,
+               "every outcome recorded as succeeded")
     assert worker.alive()
     assert redis_server.wait_drained() == {"celery list": 0, "unacked hash": 0}

