@@ -436,3 +436,19 @@ def test_message_events_never_raises(headers: Any) -> None:
             for item in items:
                 assert isinstance(item, Incoming)
                 assert item.problem is None or isinstance(item.problem, InvalidEvent)
+
+
+def test_message_problem_is_none_for_a_readable_call_and_names_what_is_wrong_otherwise() -> None:
+    from worker.core.messages import message_problem
+
+    headers = {"task": "webhooks.deliver_events", "id": "t-1"}
+    assert message_problem(headers, b"x", lambda: [[], {"events": []}, {}]) is None
+    problem = message_problem(headers, b"x", lambda: [[], ["events"], {}])
+    assert problem is not None and problem.code == "malformed_message"
+    assert "kwargs must be an object" in str(problem)
+
+    def broken() -> object:
+        raise ValueError("NaN is not JSON")
+
+    undecodable = message_problem(headers, b"x", broken)
+    assert undecodable is not None and "undecodable body" in str(undecodable)

@@ -145,6 +145,21 @@ def unreadable(message_id: str, problem: InvalidEvent, raw: bytes | None = None)
     return Incoming(message_id, EventIn("?", None), problem=problem, excerpt=excerpt)
 
 
+def message_problem(headers: Any, raw: bytes, decode: Callable[[], Any]) -> InvalidEvent | None:
+    """Why a broker message cannot even be read as a task call; None when it can."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return InvalidEvent(MALFORMED, f"message of {len(raw)} bytes; the limit is "
+                            f"{MAX_MESSAGE_BYTES}")
+    try:
+        read_call(headers, decode())
+    except InvalidEvent as exc:
+        return exc
+    except Exception as exc:  # any decoder's error
+        return InvalidEvent(MALFORMED, f"undecodable body: {type(exc).__name__}: "
+                            f"{str(exc)[:200]}")
+    return None
+
+
 def message_events(headers: Any, raw: bytes, decode: Callable[[], Any],
                    max_events: int) -> list[Incoming]:
     """Every event a broker message of ours carries; never raises.

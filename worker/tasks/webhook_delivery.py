@@ -26,11 +26,12 @@ from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
 from worker.core.messages import (
     DELIVER_EVENT,
     FAN_OUT_FIELDS,
-    MALFORMED,
     event_from_mapping,
     fan_out_body,
+    first_message_id,
     incoming,
     message_events,
+    message_problem,
     single_event,
     unreadable,
 )
@@ -70,19 +71,6 @@ class ValidatedTask(Task):  # type: ignore[type-arg]
 
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         raise NotImplementedError
-
-    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
-        """A message Celery could not even call the task with is recorded as rejected."""
-        if isinstance(args, list | tuple) and isinstance(kwargs, Mapping):
-            return
-        problem = InvalidEvent(MALFORMED, "args must be a list and kwargs an object, not "
-                               f"{type(args).__name__} and {type(kwargs).__name__}")
-        excerpt = repr((args, kwargs)).encode("utf-8", "replace")
-        try:
-            get_runtime().accept_blocking([unreadable(f"{task_id}:0", problem, excerpt)])
-        except Exception:
-            log.exception("could not record the malformed message %s as rejected", task_id)
 
     def apply_async(
         self,
@@ -133,6 +121,33 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
     return on_message
 
 
+def checked_strategy(task: Any, app: Any, consumer: Any) -> Any:
+    """Celery's own handling, behind a check that the message is a readable task call.
+
+    Celery refuses a call it cannot make (kwargs that are not an object, say) outside any
+    hook of the task's, and drops the message; read here first, such a message is recorded
+    as rejected instead.
+    """
+    handle = default_strategy(task, app, consumer)
+    if consumer.hub is None:
+        return handle
+    runtime = get_runtime()
+    connection_errors = consumer.connection_errors
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
+                   **kwargs: Any) -> Any:
+        raw = _raw_body(message)
+        problem = message_problem(message.headers, raw, lambda: decode_body(
+            raw, message.content_type, message.content_encoding))
+        if problem is None:
+            return handle(message, body, ack, reject, callbacks, **kwargs)
+        items = [unreadable(first_message_id(message.headers, raw), problem, raw)]
+        runtime.gather_threadsafe(items, lambda: ack(log, connection_errors))
+        return None
+
+    return on_message
+
+
 def _raw_body(message: Any) -> bytes:
     body = message.body
     if isinstance(body, bytes):
@@ -163,6 +178,8 @@ def deliver_webhook_event(
 
 
 class EventBatchTask(ValidatedTask):
+    Strategy = "worker.tasks.webhook_delivery:checked_strategy"
+
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         events = kwargs.get("events", args[0] if args else None)
         if not isinstance(events, list | tuple) or not events:
@@ -213,6 +230,8 @@ def _retry_later(task: Task, exc: Exception, count: int) -> NoReturn:  # type: i
 
 
 class FanOutTask(ValidatedTask):
+    Strategy = "worker.tasks.webhook_delivery:checked_strategy"
+
     def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         fields = dict(zip(FAN_OUT_FIELDS, args, strict=False))
         fields.update(kwargs)
