@@ -20,10 +20,6 @@ PG_ADMIN_URL = os.environ.get("WEBHOOKS_TEST_PG", "postgresql://postgres@127.0.0
 
 BACKENDS = ("sqlite", "postgresql")
 
-# The fault suite (own Redis and PostgreSQL, several minutes) runs on request:
-# WEBHOOKS_RELIABILITY=1 pytest tests/reliability
-collect_ignore = [] if os.environ.get("WEBHOOKS_RELIABILITY") else ["reliability"]
-
 
 def _pg_admin(sql: str) -> None:
     import asyncpg

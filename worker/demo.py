@@ -111,24 +111,13 @@ def _wait(check: object, timeout: float) -> bool:
     return False
 
 
-def run_demo(events: int = 200, keep: bool = False) -> int:
-    settings = get_settings()
-    problem = _check_redis(settings)
-    if problem:
-        print(f"webhooks demo: {problem}", file=sys.stderr)
-        return 2
+def _add_endpoints(settings: Settings, receiver: DemoReceiver,
+                   endpoints: dict[str, str]) -> None:
+    """One endpoint per receiver path, each with a fresh secret the receiver checks."""
     from worker.core.models import Endpoint
     from worker.core.signing import generate_secret
     from worker.db.connection import create_engine
-    from worker.db.migrate import upgrade
     from worker.db.store import Store
-
-    print(f"1. database  {settings.database_url}  (migrating)")
-    upgrade(settings.database_url)
-    receiver = DemoReceiver()
-    loop, _ = _serve(receiver)
-    stamp = time.strftime("%H%M%S")
-    endpoints = {"/ok": f"demo-ok-{stamp}", "/flaky": f"demo-flaky-{stamp}"}
 
     async def add() -> None:
         engine = create_engine(settings)
@@ -143,10 +132,23 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
             await engine.dispose()
 
     asyncio.run(add())
-    print(f"2. receiver  http://127.0.0.1:{receiver.port}  endpoints "
-          f"{', '.join(endpoints.values())} (the flaky one answers 503 first)")
 
-    workdir = Path(tempfile.mkdtemp(prefix="webhooks-demo-"))
+
+def _status_counts(settings: Settings) -> dict[str, int]:
+    from worker.db.connection import create_engine
+    from worker.db.store import Store
+
+    async def counts() -> dict[str, int]:
+        engine = create_engine(settings)
+        try:
+            return await Store(engine).status_counts()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(counts())
+
+
+def _start_worker(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
     env = {**os.environ, **DEMO_ENV}
     cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B",
            "--schedule", str(workdir / "beat"), "--pool", "solo", "--without-gossip",
@@ -155,21 +157,62 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
     with log_path.open("wb") as log:
         worker = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"3. worker    pid {worker.pid}: {' '.join(cmd[2:6])} (log {log_path})")
+    return worker, log_path
+
+
+def _produce(endpoints: dict[str, str], events: int) -> float:
+    """Enqueue the demo's events; returns when it started."""
+    from worker.tasks.webhook_delivery import deliver_webhook_event, deliver_webhook_events
+
+    started = time.time()
+    ok_id, flaky_id = endpoints["/ok"], endpoints["/flaky"]
+    for n in range(events):
+        deliver_webhook_event.delay(webhook_id=ok_id, event_data={
+            "event": "application.submitted", "partner_id": "partner-123", "n": n})
+    deliver_webhook_events.delay(events=[
+        {"webhook_id": flaky_id, "event_data": {"event": "application.updated", "n": n}}
+        for n in range(10)])
+    print(f"4. producer  {events} x deliver_webhook_event.delay() + 1 batch of 10 "
+          f"in {time.time() - started:.2f}s")
+    return started
+
+
+def _report(settings: Settings, receiver: DemoReceiver, events: int, started: float,
+            done: bool) -> bool:
+    """Print what arrived and what the database holds; returns whether the demo passed."""
+    _wait(lambda: _status_counts(settings).get("pending", 0) == 0, 10)
+    status = _status_counts(settings)
+    flaky_retried = sum(1 for (p, _), n in receiver.tries.items() if p == "/flaky" and n >= 2)
+    print(f"5. received  {receiver.delivered('/ok')}/{events} events at /ok, "
+          f"{receiver.delivered('/flaky')}/10 at /flaky "
+          f"({flaky_retried} retried after a 503, same webhook-id) in "
+          f"{receiver.last_at - started:.2f}s")
+    print(f"   signatures verified: {receiver.verified}, bad: {len(receiver.bad)}")
+    print("6. database  " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
+    return done and not receiver.bad and flaky_retried == 10
+
+
+def run_demo(events: int = 200, keep: bool = False) -> int:
+    settings = get_settings()
+    problem = _check_redis(settings)
+    if problem:
+        print(f"webhooks demo: {problem}", file=sys.stderr)
+        return 2
+    from worker.db.migrate import upgrade
+
+    print(f"1. database  {settings.database_url}  (migrating)")
+    upgrade(settings.database_url)
+    receiver = DemoReceiver()
+    loop, _ = _serve(receiver)
+    stamp = time.strftime("%H%M%S")
+    endpoints = {"/ok": f"demo-ok-{stamp}", "/flaky": f"demo-flaky-{stamp}"}
+    _add_endpoints(settings, receiver, endpoints)
+    print(f"2. receiver  http://127.0.0.1:{receiver.port}  endpoints "
+          f"{', '.join(endpoints.values())} (the flaky one answers 503 first)")
+    workdir = Path(tempfile.mkdtemp(prefix="webhooks-demo-"))
+    worker, log_path = _start_worker(workdir)
     try:
-        from worker.tasks.webhook_delivery import deliver_webhook_event, deliver_webhook_events
-
-        started = time.time()
-        ok_id, flaky_id = endpoints["/ok"], endpoints["/flaky"]
-        for n in range(events):
-            deliver_webhook_event.delay(webhook_id=ok_id, event_data={
-                "event": "application.submitted", "partner_id": "partner-123", "n": n})
-        deliver_webhook_events.delay(events=[
-            {"webhook_id": flaky_id, "event_data": {"event": "application.updated", "n": n}}
-            for n in range(10)])
-        enqueued = time.time() - started
-        print(f"4. producer  {events} x deliver_webhook_event.delay() + 1 batch of 10 "
-              f"in {enqueued:.2f}s")
-
+        started = _produce(endpoints, events)
         done = _wait(lambda: receiver.delivered("/ok") >= events
                      and receiver.delivered("/flaky") >= 10
                      and sum(n for (p, _), n in receiver.tries.items() if p == "/flaky") >= 20,
@@ -178,24 +221,7 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
             print(f"webhooks demo: the worker exited ({worker.returncode}); see {log_path}",
                   file=sys.stderr)
             return 1
-
-        async def counts() -> dict[str, int]:
-            engine = create_engine(settings)
-            try:
-                return await Store(engine).status_counts()
-            finally:
-                await engine.dispose()
-
-        _wait(lambda: asyncio.run(counts()).get("pending", 0) == 0, 10)
-        status = asyncio.run(counts())
-        ok_span = receiver.last_at - started
-        flaky_retried = sum(1 for (p, _), n in receiver.tries.items() if p == "/flaky" and n >= 2)
-        print(f"5. received  {receiver.delivered('/ok')}/{events} events at /ok, "
-              f"{receiver.delivered('/flaky')}/10 at /flaky "
-              f"({flaky_retried} retried after a 503, same webhook-id) in {ok_span:.2f}s")
-        print(f"   signatures verified: {receiver.verified}, bad: {len(receiver.bad)}")
-        print("6. database  " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
-        success = done and not receiver.bad and flaky_retried == 10
+        success = _report(settings, receiver, events, started, done)
         print("demo " + ("passed: every event delivered, signed, recorded"
                          if success else "FAILED: see above and " + str(log_path)))
         keep = keep or not success

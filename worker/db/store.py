@@ -160,32 +160,8 @@ class Store(EndpointRecords, DeliveryHistory):
         if not records:
             return
         now = utcnow()
-        attempt_rows = [
-            {
-                "delivery_id": r.delivery.id,
-                "attempt_number": r.attempt_number,
-                "attempted_at": r.attempted_at,
-                "duration_ms": r.result.duration_ms,
-                "status_code": r.result.status_code,
-                "outcome": r.outcome.kind.value,
-                "error_kind": r.outcome.error_kind.value if r.outcome.error_kind else None,
-                "error": r.outcome.error,
-                "response_excerpt": r.result.response_excerpt,
-            }
-            for r in records
-        ]
-        delivery_rows = [
-            {
-                "b_id": r.delivery.id,
-                "b_status": r.next_status.value,
-                "b_attempts": r.attempt_number,
-                "b_prev": r.attempt_number - 1,
-                "b_next": r.next_attempt_at,
-                "b_code": r.result.status_code,
-                "b_error": r.outcome.error,
-            }
-            for r in records
-        ]
+        attempt_rows = [_attempt_row(r) for r in records]
+        delivery_rows = [_delivery_move(r) for r in records]
         # Only a pending row with no newer attempt moves: a late writer whose lease expired
         # cannot undo another worker's record. The status test is written so no index can
         # serve it: with stale statistics the planner otherwise picked the status index over
@@ -233,3 +209,30 @@ class Store(EndpointRecords, DeliveryHistory):
                 )
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not release {len(ids)} deliveries: {exc}") from exc
+
+
+def _attempt_row(r: AttemptRecord) -> dict[str, Any]:
+    return {
+        "delivery_id": r.delivery.id,
+        "attempt_number": r.attempt_number,
+        "attempted_at": r.attempted_at,
+        "duration_ms": r.result.duration_ms,
+        "status_code": r.result.status_code,
+        "outcome": r.outcome.kind.value,
+        "error_kind": r.outcome.error_kind.value if r.outcome.error_kind else None,
+        "error": r.outcome.error,
+        "response_excerpt": r.result.response_excerpt,
+    }
+
+
+def _delivery_move(r: AttemptRecord) -> dict[str, Any]:
+    """Bind parameters of the guarded UPDATE that moves a delivery to its next state."""
+    return {
+        "b_id": r.delivery.id,
+        "b_status": r.next_status.value,
+        "b_attempts": r.attempt_number,
+        "b_prev": r.attempt_number - 1,
+        "b_next": r.next_attempt_at,
+        "b_code": r.result.status_code,
+        "b_error": r.outcome.error,
+    }
