@@ -45,6 +45,8 @@ UNACKED_INDEX_KEY = "unacked_index"
 # Per delivery tag: rescues begun and not finished. Ours alone.
 TRIES_KEY = "webhooks.rescue-tries"
 TRIES_TTL_SECONDS = 7 * 86400
+# The longest a shutdown waits for the rescuer's task and its broker connection.
+CLOSE_SECONDS = 5.0
 # Index entries read per round trip, and at most per round.
 BATCH = 200
 MAX_PER_ROUND = 10_000
@@ -88,11 +90,13 @@ class Rescuer:
         self._task = asyncio.create_task(self._run(), name="webhooks-rescue")
 
     async def close(self) -> None:
+        """Stop; bounded, so a broker connection that hangs cannot hold up shutdown."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=CLOSE_SECONDS)
         if self._redis is not None:
-            await self._redis.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._redis.aclose(), CLOSE_SECONDS)
 
     async def _run(self) -> None:
         failing = False
