@@ -20,6 +20,7 @@ from kombu.serialization import loads as kombu_loads
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message as VirtualMessage
 from kombu.utils import json as kombu_json
+from redis.exceptions import RedisError
 
 log = logging.getLogger("webhooks.transport")
 
@@ -52,8 +53,27 @@ def _repaired(payload: Any) -> dict[str, Any]:
             "body": body if isinstance(body, str | bytes) else str(body)}
 
 
+class TolerantQoS(kombu_redis.QoS):
+    def restore_unacked(self, client: Any = None) -> None:
+        """Hand this channel's unacknowledged messages back to the queue, if the broker lets us.
+
+        Kombu does this while closing a channel whose connection just failed, and then finds
+        no connection to do it with (AttributeError on its released client); the worker
+        would stop there. Left in the `unacked` hash instead, the messages come back through
+        the rescue (or the visibility timeout), and nothing is lost either way.
+        """
+        try:
+            super().restore_unacked(client)
+        except (AttributeError, RedisError, OSError) as exc:
+            delivered: dict[str, Any] = self._delivered if self._delivered is not None else {}
+            log.warning("could not hand %d unacknowledged messages back to the queue (%s: %s); "
+                        "the rescue brings them back", len(delivered), type(exc).__name__, exc)
+            delivered.clear()
+
+
 class Channel(kombu_redis.Channel):
     Message = TolerantMessage
+    QoS = TolerantQoS
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
