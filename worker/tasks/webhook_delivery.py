@@ -46,8 +46,6 @@ log = logging.getLogger("webhooks.tasks")
 # Failures that mean "not committed, keep the message": never acknowledged as done.
 NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded, OSError,
                  TimeoutError)
-# Backoff of a message that could not be committed is capped here.
-MAX_REQUEUE_DELAY = 60.0
 # A message whose commit fails for any other reason (a bug) is retried this often, then
 # left failed with its traceback in the log rather than retried for ever.
 MAX_UNEXPECTED_FAILURES = 3
@@ -220,7 +218,7 @@ def _retry_later(task: Task, exc: Exception, count: int) -> NoReturn:  # type: i
         log.error("giving up on %d events after %d unexpected failures", count, retries + 1,
                   exc_info=exc)
         raise exc
-    delay = min(settings.requeue_delay * 2 ** min(retries, 4), MAX_REQUEUE_DELAY)
+    delay = min(settings.requeue_delay * 2 ** min(retries, 4), settings.max_requeue_delay)
     log.warning("could not commit %d events (%s: %s); retrying in %.1fs", count,
                 type(exc).__name__, exc, delay, exc_info=not expected)
     raise task.retry(exc=exc, countdown=delay)
