@@ -30,6 +30,22 @@ def test_a_failed_restore_at_channel_close_is_logged_not_raised(
     assert "could not hand 2 unacknowledged messages back" in caplog.text
 
 
+def test_an_ack_on_a_channel_closed_by_a_reconnect_is_skipped_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen in the Redis-restart fault test under CI: a commit landed after the reconnect,
+    its ack went to the old channel, and kombu's AttributeError stopped the worker."""
+
+    def released(self: Any, delivery_tag: str) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'client'")
+
+    monkeypatch.setattr(kombu_redis.QoS, "ack", released)
+    qos = object.__new__(TolerantQoS)
+    with caplog.at_level(logging.INFO, logger="webhooks.transport"):
+        qos.ack("tag-1")
+    assert "ack of tag-1 skipped" in caplog.text
+
+
 @pytest.mark.parametrize("payload", [["a", 1], "text", {"body": "eyJ9", "headers": "h"},
                                      {"properties": "p", "body": 7}])
 def test_a_damaged_envelope_is_repaired_with_its_body_left_undecoded(payload: Any) -> None:

@@ -71,6 +71,21 @@ class TolerantQoS(kombu_redis.QoS):
             delivered.clear()
 
 
+    def ack(self, delivery_tag: str) -> None:
+        """Acknowledge; a message of a channel closed by a broker reconnect is left alone.
+
+        Its ack can only fail (kombu finds the channel's client released, AttributeError,
+        which would stop the worker). The message was handed back to the queue at close or
+        stays in the `unacked` hash for the rescue; its events are committed already, so
+        taking it again inserts nothing twice.
+        """
+        try:
+            super().ack(delivery_tag)
+        except AttributeError as exc:
+            log.info("ack of %s skipped: its channel closed with a broker reconnect (%s)",
+                     delivery_tag, exc)
+
+
 class Channel(kombu_redis.Channel):
     Message = TolerantMessage
     QoS = TolerantQoS
