@@ -156,7 +156,7 @@ def test_exhausted_retries_end_failed_and_410_disables(
 
     gone = add_endpoint(database_url, "ep-gone", receiver.url(f"/gone/{time.time_ns()}"))
     dead = add_endpoint(database_url, "ep-dead", "http://127.0.0.1:9/nothing-listens")
-    start_worker(database_url, WEBHOOKS_RETRY_SCHEDULE="0.2,0.2")
+    worker = start_worker(database_url, WEBHOOKS_RETRY_SCHEDULE="0.2,0.2")
     deliver_webhook_event.delay(webhook_id=gone.id, event_data={"type": "t"})
     deliver_webhook_event.delay(webhook_id=dead.id, event_data={"type": "t"})
 
@@ -173,6 +173,14 @@ def test_exhausted_retries_end_failed_and_410_disables(
     assert [r.outcome for r in sorted(dead_attempts, key=lambda r: r.attempt_number)] == [
         "retry", "retry", "failed"]
     assert {r.error_kind for r in dead_attempts} == {"connect"}
+    # Each attempt is a log line whose level says how it went: the failure feed is
+    # `journalctl -p warning`.
+    lines = [line for line in worker.log().splitlines() if "webhooks.attempts" in line]
+    dead_lines = [line for line in lines if "endpoint=ep-dead" in line]
+    assert [line.split()[2] for line in dead_lines] == ["WARNING", "WARNING", "ERROR"]
+    assert "attempt=3/3 outcome=failed" in dead_lines[-1] and "error_kind=connect" in dead_lines[-1]
+    assert any("endpoint=ep-gone" in line and "ERROR" in line and "outcome=disable" in line
+               and "status=410" in line for line in lines)
 
     # Later events for the disabled endpoint are recorded as rejected, not attempted.
     deliver_webhook_event.delay(webhook_id=gone.id, event_data={"type": "t"})

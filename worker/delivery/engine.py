@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from worker.core.attempt_log import attempt_line, level_of
 from worker.core.clock import SYSTEM_CLOCK, Clock
+from worker.core.models import AttemptRecord
 from worker.db.connection import create_engine
 from worker.db.store import Store
 from worker.delivery.gatherer import GatherConfig, Gatherer
@@ -20,6 +22,7 @@ from worker.delivery.writer import OutcomeWriter, WriterConfig
 from worker.settings import Settings
 
 log = logging.getLogger("webhooks.engine")
+attempts_log = logging.getLogger("webhooks.attempts")
 
 
 class Engine:
@@ -42,6 +45,7 @@ class Engine:
                              clock=clock)
         self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler)
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
+        self.writer.on_written(self._log_attempts)
         self.rescuer: Rescuer | None = None  # only where the broker is consumed
         self._clock = clock
         self._stats_task: asyncio.Task[None] | None = None
@@ -67,6 +71,14 @@ class Engine:
         await self.sender.close()
         await self.db.dispose()
         log.info("engine stopped: %s", self.stats())
+
+    def _log_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """One line per attempt once it is recorded; the level says how it went."""
+        max_attempts = 1 + len(self.settings.retry_schedule)
+        for record in records:
+            level = level_of(record)
+            if attempts_log.isEnabledFor(level):
+                attempts_log.log(level, attempt_line(record, max_attempts))
 
     def start_rescuer(self) -> None:
         """Rescue messages dead workers left unacknowledged (once per process)."""
