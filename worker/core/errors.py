@@ -47,3 +47,9 @@ class StoreUnavailable(WebhookError):
 
 class EngineUnavailable(WebhookError):
     """The delivery engine of this process is not running or did not answer in time."""
+
+
+# Failures that mean "not committed, keep the work and try again later".
+NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, TimeoutError, OSError)
+# Work that fails this often for any other reason (a bug) is given up on, visibly.
+MAX_UNEXPECTED_FAILURES = 3

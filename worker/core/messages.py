@@ -145,18 +145,30 @@ def unreadable(message_id: str, problem: InvalidEvent, raw: bytes | None = None)
     return Incoming(message_id, EventIn("?", None), problem=problem, excerpt=excerpt)
 
 
+def _read_message(headers: Any, raw: bytes, decode: Callable[[], Any]) -> TaskCall:
+    """The task call a broker message carries; InvalidEvent for anything unreadable."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent(MALFORMED, f"message of {len(raw)} bytes; the limit is "
+                           f"{MAX_MESSAGE_BYTES}")
+    try:
+        decoded = decode()
+    except Exception as exc:  # any decoder's error: the bytes are not a message we can read
+        raise _undecodable(exc) from exc
+    return read_call(headers, decoded)
+
+
+def _undecodable(exc: Exception) -> InvalidEvent:
+    return InvalidEvent(MALFORMED, f"undecodable body: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def message_problem(headers: Any, raw: bytes, decode: Callable[[], Any]) -> InvalidEvent | None:
     """Why a broker message cannot even be read as a task call; None when it can."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        return InvalidEvent(MALFORMED, f"message of {len(raw)} bytes; the limit is "
-                            f"{MAX_MESSAGE_BYTES}")
     try:
-        read_call(headers, decode())
+        _read_message(headers, raw, decode)
     except InvalidEvent as exc:
         return exc
-    except Exception as exc:  # any decoder's error
-        return InvalidEvent(MALFORMED, f"undecodable body: {type(exc).__name__}: "
-                            f"{str(exc)[:200]}")
+    except Exception as exc:  # whatever else the bytes make the reader trip on
+        return _undecodable(exc)
     return None
 
 
@@ -167,18 +179,13 @@ def message_events(headers: Any, raw: bytes, decode: Callable[[], Any],
     What cannot be read becomes one placeholder whose problem is recorded as a rejection,
     under the message's task id (or an id derived from its bytes when it has none).
     """
-    fallback_id = first_message_id(headers, raw)
-    if len(raw) > MAX_MESSAGE_BYTES:
-        return [unreadable(fallback_id, InvalidEvent(
-            MALFORMED, f"message of {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}"), raw)]
     try:
-        decoded = decode()
-        return events_of(read_call(headers, decoded), max_events)
+        return events_of(_read_message(headers, raw, decode), max_events)
     except InvalidEvent as exc:
-        return [unreadable(fallback_id, exc, raw)]
-    except Exception as exc:  # any decoder's error: the bytes are not a message we can read
-        return [unreadable(fallback_id, InvalidEvent(
-            MALFORMED, f"undecodable body: {type(exc).__name__}: {str(exc)[:200]}"), raw)]
+        problem = exc
+    except Exception as exc:  # whatever else the bytes make the reader trip on
+        problem = _undecodable(exc)
+    return [unreadable(first_message_id(headers, raw), problem, raw)]
 
 
 def _shape(value: Any) -> str:

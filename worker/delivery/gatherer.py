@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
+from worker.core.errors import MAX_UNEXPECTED_FAILURES, NOT_COMMITTED, InvalidEvent
 from worker.core.messages import unreadable
 from worker.core.models import AcceptReport, Incoming
 from worker.settings import Settings
@@ -24,10 +24,6 @@ log = logging.getLogger("webhooks.gatherer")
 
 Settle = Callable[[], object]
 Accept = Callable[[Sequence[Incoming]], Awaitable[AcceptReport]]
-# Failures that mean "not committed, try again later".
-NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, TimeoutError, OSError)
-# A group that fails this often for any other reason (a bug) is recorded as rejected.
-MAX_UNEXPECTED_FAILURES = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -22,7 +22,8 @@ from celery.result import AsyncResult
 from celery.worker.strategy import default as default_strategy
 
 from worker.celery_app import app, settings
-from worker.core.errors import EngineUnavailable, InvalidEvent, StoreUnavailable
+from worker.core import errors as core_errors
+from worker.core.errors import MAX_UNEXPECTED_FAILURES, InvalidEvent
 from worker.core.messages import (
     DELIVER_EVENT,
     FAN_OUT_FIELDS,
@@ -44,11 +45,7 @@ from worker.transport import decode_body
 log = logging.getLogger("webhooks.tasks")
 
 # Failures that mean "not committed, keep the message": never acknowledged as done.
-NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, SoftTimeLimitExceeded, OSError,
-                 TimeoutError)
-# A message whose commit fails for any other reason (a bug) is retried this often, then
-# left failed with its traceback in the log rather than retried for ever.
-MAX_UNEXPECTED_FAILURES = 3
+NOT_COMMITTED = (*core_errors.NOT_COMMITTED, SoftTimeLimitExceeded)
 # Cleanup stops short of the soft time limit by this much.
 CLEANUP_MARGIN = 10
 
@@ -110,11 +107,9 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                    **_: Any) -> None:
-        raw = _raw_body(message)
-        items = message_events(message.headers, raw, lambda: decode_body(
-            raw, message.content_type, message.content_encoding), max_events)
-        # `ack` queues message.ack_log_error(logger, errors) on the consumer's loop.
-        runtime.gather_threadsafe(items, lambda: ack(log, connection_errors))
+        raw, decode = _body_of(message)
+        items = message_events(message.headers, raw, decode, max_events)
+        runtime.gather_threadsafe(items, _acker(ack, connection_errors))
 
     return on_message
 
@@ -134,23 +129,28 @@ def checked_strategy(task: Any, app: Any, consumer: Any) -> Any:
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                    **kwargs: Any) -> Any:
-        raw = _raw_body(message)
-        problem = message_problem(message.headers, raw, lambda: decode_body(
-            raw, message.content_type, message.content_encoding))
+        raw, decode = _body_of(message)
+        problem = message_problem(message.headers, raw, decode)
         if problem is None:
             return handle(message, body, ack, reject, callbacks, **kwargs)
         items = [unreadable(first_message_id(message.headers, raw), problem, raw)]
-        runtime.gather_threadsafe(items, lambda: ack(log, connection_errors))
+        runtime.gather_threadsafe(items, _acker(ack, connection_errors))
         return None
 
     return on_message
 
 
-def _raw_body(message: Any) -> bytes:
+def _body_of(message: Any) -> tuple[bytes, Callable[[], Any]]:
+    """A message's body bytes, and how to decode them."""
     body = message.body
-    if isinstance(body, bytes):
-        return body
-    return str(body).encode("utf-8", "replace")
+    raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "replace")
+    return raw, lambda: decode_body(raw, message.content_type, message.content_encoding)
+
+
+def _acker(ack: Any, connection_errors: Any) -> Callable[[], object]:
+    """Celery's ack promise, called as it expects: it queues message.ack_log_error(logger,
+    errors) on the consumer's loop."""
+    return lambda: ack(log, connection_errors)
 
 
 @app.task(bind=True, base=SingleEventTask, name=DELIVER_EVENT, acks_late=True, max_retries=None)
