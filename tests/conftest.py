@@ -16,6 +16,9 @@ TEST_REDIS_DB = int(os.environ.get("WEBHOOKS_TEST_REDIS_DB", "15"))
 TEST_BROKER_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
 os.environ["CELERY_BROKER_URL"] = TEST_BROKER_URL
 os.environ.setdefault("WEBHOOKS_LOG_LEVEL", "WARNING")
+# Endpoint secrets are sealed; the tests (and the workers and CLIs they start) share one key.
+TEST_SECRET_KEYS = "test:" + "A" * 43 + "="
+os.environ.setdefault("WEBHOOKS_SECRET_KEYS", TEST_SECRET_KEYS)
 PG_ADMIN_URL = os.environ.get("WEBHOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 BACKENDS = ("sqlite", "postgresql")
@@ -81,12 +84,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def store(database_url: str) -> AsyncIterator[object]:
     """A Store over `database_url`, on the test's own event loop."""
     from worker.db.connection import create_engine
-    from worker.db.store import Store
+    from worker.db.store import open_store
     from worker.settings import Settings
 
-    engine = create_engine(Settings(database_url=database_url))
+    settings = Settings(database_url=database_url)
+    engine = create_engine(settings)
     try:
-        yield Store(engine)
+        yield open_store(engine, settings)
     finally:
         await engine.dispose()
 

@@ -16,7 +16,7 @@ from worker.cli import main
 from worker.core.signing import generate_secret, secret_key
 from worker.db.connection import create_engine
 from worker.db.schema import deliveries
-from worker.db.store import Store
+from worker.db.store import Store, open_store
 from worker.settings import Settings, get_settings
 
 
@@ -68,9 +68,10 @@ def _assert_error(result: Run) -> str:
 
 def _with_store(url: str, work: Any) -> Any:
     async def run() -> Any:
-        engine = create_engine(Settings(database_url=url))
+        settings = Settings(database_url=url)
+        engine = create_engine(settings)
         try:
-            return await work(Store(engine))
+            return await work(open_store(engine, settings))
         finally:
             await engine.dispose()
 

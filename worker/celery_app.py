@@ -67,3 +67,18 @@ def _stop_engine(**_: Any) -> None:
     from worker.delivery.runtime import stop_runtime
 
     stop_runtime()
+
+
+@signals.worker_init.connect
+def _check_keys(**_: Any) -> None:
+    """Refuse to start, in one line, without a key to unseal endpoint secrets with."""
+    import sys
+
+    from worker.core.errors import KeyRingError
+    from worker.keys import load_keyring
+
+    try:
+        load_keyring(settings)
+    except KeyRingError as exc:
+        print(f"webhooks: error: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None  # EX_CONFIG: systemd does not restart into it

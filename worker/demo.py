@@ -28,6 +28,8 @@ DEMO_ENV = {
     "WEBHOOKS_RETRY_SCHEDULE": "1,2",
     "WEBHOOKS_SWEEP_INTERVAL": "0.5",
     "WEBHOOKS_LOG_LEVEL": "WARNING",
+    # The flaky endpoint's 503s open its circuit; a short cool-down keeps the demo short.
+    "WEBHOOKS_BREAKER_COOLDOWN": "2",
 }
 
 
@@ -117,7 +119,7 @@ def _add_endpoints(settings: Settings, receiver: DemoReceiver,
     from worker.core.models import Endpoint
     from worker.core.signing import generate_secret
     from worker.db.connection import create_engine
-    from worker.db.store import Store
+    from worker.db.store import open_store
 
     async def add() -> None:
         engine = create_engine(settings)
@@ -125,7 +127,7 @@ def _add_endpoints(settings: Settings, receiver: DemoReceiver,
             for path, endpoint_id in endpoints.items():
                 secret = generate_secret()
                 receiver.secrets[path] = secret
-                await Store(engine).add_endpoint(Endpoint(
+                await open_store(engine, settings).add_endpoint(Endpoint(
                     id=endpoint_id, url=f"http://127.0.0.1:{receiver.port}{path}",
                     secrets=(secret,)))
         finally:
@@ -136,12 +138,12 @@ def _add_endpoints(settings: Settings, receiver: DemoReceiver,
 
 def _status_counts(settings: Settings) -> dict[str, int]:
     from worker.db.connection import create_engine
-    from worker.db.store import Store
+    from worker.db.store import open_store
 
     async def counts() -> dict[str, int]:
         engine = create_engine(settings)
         try:
-            return await Store(engine).status_counts()
+            return await open_store(engine, settings).status_counts()
         finally:
             await engine.dispose()
 

@@ -7,7 +7,7 @@ import math
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Original setup: 3 retries, exponential backoff capped at 10 minutes.
@@ -46,6 +46,22 @@ class Settings(BaseSettings):
         "sqlite+aiosqlite:///./webhooks.db", validation_alias=_env("DATABASE_URL")
     )
     db_pool_size: int = Field(5, ge=1, validation_alias=_env("WEBHOOKS_DB_POOL_SIZE"))
+
+    # Sealing endpoint secrets (see "Secrets at rest" in the README)
+    secret_keys: SecretStr | None = Field(None, validation_alias=_env("WEBHOOKS_SECRET_KEYS"))
+    secret_key_file: str | None = Field(None, validation_alias=_env("WEBHOOKS_SECRET_KEY_FILE"))
+    secret_overlap: float = Field(86400.0, ge=0, validation_alias=_env("WEBHOOKS_SECRET_OVERLAP"))
+
+    # Endpoint health
+    breaker_failures: int = Field(5, ge=1, validation_alias=_env("WEBHOOKS_BREAKER_FAILURES"))
+    breaker_cooldown: float = Field(
+        60.0, gt=0, validation_alias=_env("WEBHOOKS_BREAKER_COOLDOWN")
+    )
+    disable_after: float = Field(
+        5 * 86400.0, gt=0, validation_alias=_env("WEBHOOKS_DISABLE_AFTER")
+    )
+    rate_limit: float | None = Field(None, gt=0, validation_alias=_env("WEBHOOKS_RATE_LIMIT"))
+    rate_burst: int = Field(1, ge=1, validation_alias=_env("WEBHOOKS_RATE_BURST"))
 
     # Gathering single-event messages (the engine commits them in groups)
     gather_size: int = Field(100, ge=1, validation_alias=_env("WEBHOOKS_GATHER_SIZE"))

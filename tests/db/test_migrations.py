@@ -110,7 +110,7 @@ def test_upgrade_head_creates_the_schema(fresh_url: str) -> None:
     snap = _inspect(fresh_url)
     exp = _expected()
     assert snap["tables"] >= TABLES
-    assert snap["version"] == "0001"
+    assert snap["version"] == "0002"
     for table in sorted(TABLES):
         # Columns and nullability: schema.py and the migration cannot drift apart.
         assert snap["columns"][table] == exp["columns"][table], table
@@ -122,9 +122,9 @@ def test_upgrade_head_creates_the_schema(fresh_url: str) -> None:
 def test_upgrade_twice_is_a_no_op(fresh_url: str) -> None:
     upgrade(fresh_url)
     first = _inspect(fresh_url)
-    _sql(fresh_url, "INSERT INTO endpoints (id, url, secrets, event_types, enabled, created_at,"
-                    " updated_at) VALUES ('ep-1', 'https://x.example/', '[]', '[]', :t, :ts, :ts)",
-         t=True, ts=datetime.now(UTC))
+    _sql(fresh_url, "INSERT INTO endpoints (id, url, credentials, event_types, enabled, "
+                    "created_at, updated_at) VALUES ('ep-1', 'https://x.example/', 'x', '[]', :t,"
+                    " :ts, :ts)", t=True, ts=datetime.now(UTC))
     upgrade(fresh_url)
     assert _inspect(fresh_url) == first
     assert [tuple(r) for r in _sql(fresh_url, "SELECT id FROM endpoints")] == [("ep-1",)]
@@ -140,7 +140,7 @@ def test_downgrade_base_drops_the_tables(fresh_url: str) -> None:
     upgrade(fresh_url)
     snap = _inspect(fresh_url)
     assert snap["tables"] >= TABLES
-    assert snap["version"] == "0001"
+    assert snap["version"] == "0002"
 
 
 def test_alembic_finds_no_difference_to_metadata(fresh_url: str) -> None:
@@ -163,3 +163,43 @@ def test_alembic_finds_no_difference_to_metadata(fresh_url: str) -> None:
             await engine.dispose()
 
     assert asyncio.run(run()) == []
+
+
+def _forms(secret: str) -> list[str]:
+    """A secret in every encoding a careless column might hold it in."""
+    import base64
+
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    return [secret, secret.removeprefix("whsec_"), key.hex(), base64.urlsafe_b64encode(key)
+            .decode().rstrip("="), base64.b32encode(key).decode().rstrip("=")]
+
+
+def _table_text(url: str) -> str:
+    return " ".join(str(v) for row in _sql(url, "SELECT * FROM endpoints") for v in row)
+
+
+def test_0002_seals_existing_secrets_and_0001_gets_them_back(fresh_url: str) -> None:
+    """Plaintext secrets of a 0001 database are sealed by the upgrade, open with the key, and
+    leave no trace in the table; a downgrade restores them."""
+    from worker.core.credentials import open_credentials
+    from worker.core.signing import generate_secret
+    from worker.keys import load_keyring
+    from worker.settings import Settings
+
+    upgrade(fresh_url, "0001")
+    old, new = generate_secret(), generate_secret()
+    _sql(fresh_url, "INSERT INTO endpoints (id, url, secrets, event_types, enabled, created_at,"
+                    " updated_at) VALUES ('ep-1', 'https://x.example/', :s, '[]', :t, :ts, :ts)",
+         s=f'["{new}", "{old}"]', t=True, ts=datetime.now(UTC))
+    upgrade(fresh_url)
+    text_now = _table_text(fresh_url)
+    for secret in (old, new):
+        for form in _forms(secret):
+            assert form not in text_now
+    (token,) = [r[0] for r in _sql(fresh_url, "SELECT credentials FROM endpoints")]
+    keys = load_keyring(Settings(database_url=fresh_url))
+    assert open_credentials(keys, "ep-1", token).secrets == (new, old)
+
+    command.downgrade(alembic_config(fresh_url), "0001")
+    (secrets,) = [r[0] for r in _sql(fresh_url, "SELECT secrets FROM endpoints")]
+    assert new in str(secrets) and old in str(secrets)

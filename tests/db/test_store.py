@@ -149,20 +149,40 @@ async def test_set_endpoint_enabled(store: Store) -> None:
         await store.set_endpoint_enabled("nope", False, "x")
 
 
-async def test_rotate_secret_keep_previous_and_drop(store: Store) -> None:
-    first, second, third, fourth = (generate_secret() for _ in range(4))
+async def test_rotate_secret_overlap_then_old_ones_stop_signing(store: Store) -> None:
+    """A rotated-out secret signs for its overlap, then stops by itself; a few old ones at most."""
+    first, second, third, fourth, fifth = (generate_secret() for _ in range(5))
     await store.add_endpoint(_ep("ep-a", secrets=(first,)))
+    t0 = _now()
 
-    await store.rotate_secret("ep-a", second, keep_previous=True)
-    assert (await store.get_endpoint("ep-a")).secrets == (second, first)
-    # Only the one previous secret is kept: newest first, two at most.
-    await store.rotate_secret("ep-a", third, keep_previous=True)
-    assert (await store.get_endpoint("ep-a")).secrets == (third, second)
-    await store.rotate_secret("ep-a", fourth, keep_previous=False)
-    assert (await store.get_endpoint("ep-a")).secrets == (fourth,)
+    ep = await store.rotate_secret("ep-a", second, overlap_seconds=3600, now=t0)
+    assert ep.secrets == (second, first)
+    assert ep.signing_secrets(t0 + timedelta(minutes=59)) == (second, first)
+    assert ep.signing_secrets(t0 + timedelta(minutes=61)) == (second,)
+    # A later rotation never lengthens an old secret's overlap.
+    ep = await store.rotate_secret("ep-a", third, overlap_seconds=7200,
+                                   now=t0 + timedelta(minutes=10))
+    assert ep.secrets == (third, second, first)
+    assert ep.signing_secrets(t0 + timedelta(minutes=61)) == (third, second)
+    assert ep.signing_secrets(t0 + timedelta(minutes=131)) == (third,)
+    # Past their overlap, old secrets are dropped at the next rotation; at most 3 are kept.
+    ep = await store.rotate_secret("ep-a", fourth, overlap_seconds=60,
+                                   now=t0 + timedelta(minutes=70))
+    assert ep.secrets == (fourth, third, second)
+    ep = await store.rotate_secret("ep-a", fifth, overlap_seconds=0,
+                                   now=t0 + timedelta(minutes=71))
+    assert ep.secrets == (fifth,)
 
     with pytest.raises(EndpointNotFound):
-        await store.rotate_secret("nope", generate_secret(), keep_previous=True)
+        await store.rotate_secret("nope", generate_secret(), overlap_seconds=60)
+
+
+async def test_rotate_keeps_at_most_three_old_secrets(store: Store) -> None:
+    secrets = [generate_secret() for _ in range(6)]
+    await store.add_endpoint(_ep("ep-a", secrets=(secrets[0],)))
+    for secret in secrets[1:]:
+        ep = await store.rotate_secret("ep-a", secret, overlap_seconds=3600)
+    assert ep.secrets == (secrets[5], secrets[4], secrets[3], secrets[2])
 
 
 async def test_rotate_secret_rejects_malformed_secret(store: Store) -> None:
@@ -171,7 +191,7 @@ async def test_rotate_secret_rejects_malformed_secret(store: Store) -> None:
     secret = generate_secret()
     await store.add_endpoint(_ep("ep-a", secrets=(secret,)))
     with pytest.raises(InvalidSecret):
-        await store.rotate_secret("ep-a", "whsec_dG9vc2hvcnQ=", keep_previous=True)
+        await store.rotate_secret("ep-a", "whsec_dG9vc2hvcnQ=", overlap_seconds=60)
     assert (await store.get_endpoint("ep-a")).secrets == (secret,)
 
 
@@ -340,7 +360,7 @@ async def test_claim_due_selects_only_due_unleased_pending(store: Store) -> None
 async def test_claim_due_returns_full_deliveries(store: Store) -> None:
     first, second = generate_secret(), generate_secret()
     await store.add_endpoint(_ep("ep-a", url="https://hooks.example/in", secrets=(first,)))
-    await store.rotate_secret("ep-a", second, keep_previous=True)
+    await store.rotate_secret("ep-a", second, overlap_seconds=3600)
     await _put(store, {"id": "d1", "payload": b'{"hello":"world"}', "attempts": 2,
                        "event_type": "order.paid"})
     before = _now()
@@ -373,7 +393,9 @@ async def test_claim_due_respects_limit_and_order(store: Store) -> None:
     assert await store.claim_due(10, 60) == ([], 0)
 
 
-async def test_claim_due_fails_deliveries_of_disabled_or_deleted_endpoints(store: Store) -> None:
+async def test_claim_due_holds_disabled_and_fails_deleted_endpoints(store: Store) -> None:
+    """A disabled endpoint's deliveries are held (sent once it is enabled again); a deleted
+    endpoint's fail, replayable."""
     await store.add_endpoint(_ep("ep-ok"))
     await store.add_endpoint(_ep("ep-off"))
     await store.set_endpoint_enabled("ep-off", False, "receiver retired")
@@ -383,18 +405,21 @@ async def test_claim_due_fails_deliveries_of_disabled_or_deleted_endpoints(store
                {"id": "gone", "endpoint_id": "ep-deleted"})
     ready, dead = await store.claim_due(100, 60)
     assert [d.id for d in ready] == ["ok"]
-    assert dead == 3
+    assert dead == 1
     rows = await _all(store)
     for row_id in ("off1", "off2", "gone"):
-        assert rows[row_id].status == "failed"
         assert rows[row_id].locked_until is None
         assert rows[row_id].next_attempt_at is None
+    assert (rows["off1"].status, rows["off2"].status, rows["gone"].status) == (
+        "held", "held", "failed")
     assert "receiver retired" in rows["off1"].last_error
     assert "ep-deleted" in rows["gone"].last_error
-    assert rows["ok"].status == "pending"
-    # Nothing left to claim, and the failed ones are replayable.
     assert await store.claim_due(100, 60) == ([], 0)
-    assert await store.status_counts() == {"pending": 1, "failed": 3}
+    assert await store.status_counts() == {"pending": 1, "held": 2, "failed": 1}
+    # Enabling resumes the held ones, due now.
+    assert await store.set_endpoint_enabled("ep-off", True) == 2
+    ready, _ = await store.claim_due(100, 60)
+    assert sorted(d.id for d in ready) == ["off1", "off2"]
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -402,7 +427,7 @@ async def test_concurrent_claims_never_share_a_delivery(store: Store, database_u
     await store.add_endpoint(_ep("ep-a"))
     engines = [create_engine(Settings(database_url=database_url)) for _ in range(2)]
     try:
-        claimers = [Store(engine) for engine in engines]
+        claimers = [Store(engine, store.keys) for engine in engines]
         # Warm both pools so the claims really overlap.
         await asyncio.gather(*(s.status_counts() for s in claimers))
         for round_no in range(3):

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import TEST_BROKER_URL
+from tests.conftest import TEST_BROKER_URL, TEST_SECRET_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +101,9 @@ def worker_env(database_url: str, **extra: str) -> dict[str, str]:
         CELERY_BROKER_URL=TEST_BROKER_URL,
         DATABASE_URL=database_url,
         WEBHOOKS_ALLOWED_NETWORKS="127.0.0.0/8",
+        WEBHOOKS_SECRET_KEYS=TEST_SECRET_KEYS,
+        # These tests count retries; the circuit breaker has tests of its own.
+        WEBHOOKS_BREAKER_FAILURES="1000",
         WEBHOOKS_RETRY_SCHEDULE="1,1,1",
         WEBHOOKS_RETRY_JITTER="0",
         WEBHOOKS_SWEEP_INTERVAL="0.5",

@@ -17,7 +17,7 @@ from worker.core.models import Endpoint
 from worker.core.signing import generate_secret
 from worker.db.connection import create_engine
 from worker.db.schema import attempts, deliveries, endpoints
-from worker.db.store import Store
+from worker.db.store import open_store
 from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
@@ -40,9 +40,10 @@ def run_db(database_url: str, query: Any) -> Any:
 def add_endpoint(database_url: str, endpoint_id: str, url: str, *secrets: str,
                  event_types: tuple[str, ...] = ()) -> Endpoint:
     async def go() -> Endpoint:
-        engine = create_engine(Settings(database_url=database_url))
+        settings = Settings(database_url=database_url)
+        engine = create_engine(settings)
         try:
-            return await Store(engine).add_endpoint(
+            return await open_store(engine, settings).add_endpoint(
                 Endpoint(id=endpoint_id, url=url, secrets=secrets or (generate_secret(),),
                          event_types=event_types))
         finally:
@@ -182,9 +183,9 @@ def test_exhausted_retries_end_failed_and_410_disables(
     assert any("endpoint=ep-gone" in line and "ERROR" in line and "outcome=disable" in line
                and "status=410" in line for line in lines)
 
-    # Later events for the disabled endpoint are recorded as rejected, not attempted.
+    # Later events for the disabled endpoint are held, not attempted: enabling it sends them.
     deliver_webhook_event.delay(webhook_id=gone.id, event_data={"type": "t"})
-    wait_until(lambda: status_counts(database_url, gone.id)["rejected"] == 1, 30, "rejected")
+    wait_until(lambda: status_counts(database_url, gone.id)["held"] == 1, 30, "held")
 
 
 def test_bad_input_is_recorded_and_the_rest_of_the_batch_is_delivered(

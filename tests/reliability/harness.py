@@ -33,6 +33,8 @@ from typing import Any
 import psutil
 import redis
 
+from tests.conftest import TEST_SECRET_KEYS
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 WEBHOOKS_CLI = str(VENV_BIN / "webhooks")
@@ -278,7 +280,8 @@ class Database:
 
     def cli_env(self) -> dict[str, str]:
         env = _clean_env()
-        env.update(DATABASE_URL=self.url, PYTHONPATH=str(ROOT), WEBHOOKS_LOG_LEVEL="WARNING")
+        env.update(DATABASE_URL=self.url, PYTHONPATH=str(ROOT), WEBHOOKS_LOG_LEVEL="WARNING",
+                   WEBHOOKS_SECRET_KEYS=TEST_SECRET_KEYS, WEBHOOKS_ALLOWED_NETWORKS="127.0.0.0/8")
         return env
 
     def drop(self) -> None:
@@ -332,7 +335,10 @@ def worker_env(broker_url: str, database_url: str, **settings: str) -> dict[str,
     env = _clean_env()
     env.update(CELERY_BROKER_URL=broker_url, DATABASE_URL=database_url,
                WEBHOOKS_ALLOWED_NETWORKS="127.0.0.0/8", WEBHOOKS_LOG_LEVEL="INFO",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+               WEBHOOKS_SECRET_KEYS=TEST_SECRET_KEYS, PYTHONPATH=str(ROOT),
+               # The breaker stays on through the faults, with a cool-down the tests can wait.
+               WEBHOOKS_BREAKER_COOLDOWN="2",
+               PYTHONUNBUFFERED="1")
     env.update(settings)
     return env
 

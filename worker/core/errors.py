@@ -53,3 +53,27 @@ class EngineUnavailable(WebhookError):
 NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, TimeoutError, OSError)
 # Work that fails this often for any other reason (a bug) is given up on, visibly.
 MAX_UNEXPECTED_FAILURES = 3
+
+
+class InvalidRateLimit(WebhookError, ValueError):
+    """A rate limit that cannot be enforced: rate not a finite number > 0, or burst < 1."""
+
+
+class KeyRingError(WebhookError, ValueError):
+    """The keys that seal endpoint secrets are missing or malformed (see worker/core/sealing.py)."""
+
+
+class SealError(WebhookError):
+    """A sealed value that is malformed, or does not open with the keys at hand."""
+
+
+class HostBlocked(DestinationBlocked):
+    """A host that is, or resolves to, an address the network policy refuses; none is dialled."""
+
+    def __init__(self, host: str, addresses: tuple[str, ...], reason: str) -> None:
+        super().__init__(", ".join(addresses))
+        self.args = (f"{self.MARKER}: {reason}",)
+        # aiohttp's ClientConnectorError text shows the wrapped OSError's strerror only.
+        self.strerror = self.args[0]
+        self.host = host
+        self.addresses = addresses

@@ -24,6 +24,7 @@ REJECTED_EXCERPT_BYTES = 2048
 
 class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"  # waiting for its next attempt (owned by the database)
+    HELD = "held"  # its endpoint is disabled; pending again once the endpoint is enabled
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # dead: retries exhausted or a terminal outcome; replayable
     REJECTED = "rejected"  # never attemptable: unknown endpoint, bad payload
@@ -48,6 +49,7 @@ class ErrorKind(enum.StrEnum):
     BLOCKED = "blocked"
     INVALID_URL = "invalid_url"
     INVALID_SECRET = "invalid_secret"
+    CREDENTIALS = "credentials"  # the endpoint's secrets could not be unsealed (a key is missing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +63,44 @@ class EventIn:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointPolicy:
+    """How deliveries to one endpoint are sent and paced; shared by all its deliveries."""
+
+    headers: tuple[tuple[str, str], ...] = ()  # static headers, e.g. the receiver's API key
+    verify_tls: bool = True
+    max_in_flight: int | None = None  # None: the global per-endpoint default
+    rate_limit: float | None = None  # events per second across all workers; None: no limit
+    rate_burst: int = 1
+    credential_error: str | None = None  # why the endpoint's secrets could not be unsealed
+
+
+DEFAULT_POLICY = EndpointPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     id: str
     url: str
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...]  # every kept secret (whsec_ or whsk_), newest first
     event_types: tuple[str, ...] = ()
     enabled: bool = True
     disabled_reason: str | None = None
     description: str | None = None
     created_at: datetime | None = None
+    secrets_until: tuple[datetime | None, ...] = ()  # per secret: when it stops signing
+    policy: EndpointPolicy = DEFAULT_POLICY
+    failure_streak: int = 0  # consecutive failed attempts, shared by all workers
+    failing_since: datetime | None = None  # first failure after the last success
+    circuit_open_until: datetime | None = None  # None: closed
 
     def subscribes_to(self, event_type: str | None) -> bool:
         return not self.event_types or event_type in self.event_types
+
+    def signing_secrets(self, now: datetime) -> tuple[str, ...]:
+        """The secrets that sign at `now`: the current ones and those still in their overlap."""
+        ends = self.secrets_until + (None,) * (len(self.secrets) - len(self.secrets_until))
+        return tuple(secret for secret, end in zip(self.secrets, ends, strict=False)
+                     if end is None or end > now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +146,7 @@ class Delivery:
     attempts: int = 0  # attempts already made before this one
     event_type: str | None = None
     lease_until: float | None = None  # time.time() after which another worker may claim it
+    policy: EndpointPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True, slots=True)

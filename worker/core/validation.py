@@ -152,3 +152,58 @@ def validate_event_types(values: Any) -> tuple[str, ...]:
             raise InvalidEndpoint(f"event type {value!r} must be a non-empty string")
         out.append(value)
     return tuple(dict.fromkeys(out))
+
+
+# Headers an endpoint's static headers may not set: the signature and the framing are ours.
+RESERVED_HEADERS = frozenset({
+    "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length",
+    "content-encoding", "transfer-encoding", "host", "connection", "user-agent", "te",
+    "trailer", "upgrade", "keep-alive", "proxy-authorization", "expect",
+})
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+MAX_HEADERS = 20
+MAX_HEADER_VALUE = 4096
+
+
+def validate_header(text: str) -> tuple[str, str]:
+    """One `Name: value` static header; refuses injection and the reserved names."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not HEADER_NAME_RE.fullmatch(name):
+        raise InvalidEndpoint(f"header {text!r:.80} must be 'Name: value' with a token name")
+    if name.lower() in RESERVED_HEADERS or name.lower().startswith("webhook-"):
+        raise InvalidEndpoint(f"header {name!r} is set by the worker and cannot be overridden")
+    if len(value) > MAX_HEADER_VALUE or any(
+            (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F for ch in value):
+        raise InvalidEndpoint(
+            f"header {name!r} value must be at most {MAX_HEADER_VALUE} characters without "
+            "control characters (no CR or LF)")
+    return name, value
+
+
+def validate_headers(texts: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(texts, str):
+        raise InvalidEndpoint("headers must be a list of 'Name: value' strings, not one string")
+    headers = [validate_header(text) for text in texts or ()]
+    if len(headers) > MAX_HEADERS:
+        raise InvalidEndpoint(f"at most {MAX_HEADERS} static headers per endpoint")
+    names = [name.lower() for name, _ in headers]
+    if len(set(names)) != len(names):
+        raise InvalidEndpoint("a static header is given twice")
+    return tuple(headers)
+
+
+def validate_rate(rate: float | None, burst: int | None) -> tuple[float | None, int]:
+    """A per-endpoint rate limit: events per second (> 0, finite) and a burst of >= 1."""
+    if rate is not None and not (0 < rate <= 1_000_000):
+        raise InvalidEndpoint(f"rate limit must be above 0 and at most 1000000 per second, "
+                              f"not {rate}")
+    if burst is not None and not 1 <= burst <= 1_000_000:
+        raise InvalidEndpoint(f"burst must be 1..1000000, not {burst}")
+    return rate, burst or 1
+
+
+def validate_max_in_flight(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= 100_000:
+        raise InvalidEndpoint(f"max in flight must be 1..100000, not {value}")
+    return value

@@ -1,53 +1,50 @@
-"""Endpoint records: add, look up, enable or disable, rotate secrets."""
+"""Endpoint records: add, look up, change, enable or disable, rotate secrets, re-seal."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from worker.core.credentials import (
+    Credentials,
+    fresh,
+    open_credentials,
+    rotated,
+    seal_credentials,
+)
 from worker.core.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
-from worker.core.models import Endpoint
-from worker.core.signing import secret_key
+from worker.core.models import DeliveryStatus, Endpoint
+from worker.core.sealing import KeyRing, sealed_key_id
+from worker.core.signing import parse_signing_keys
 from worker.db.rows import UNAVAILABLE, endpoint_from_row, utcnow
-from worker.db.schema import endpoints
+from worker.db.schema import deliveries, endpoints
+
+# Columns `update_endpoint` may change directly (credentials go through their own methods).
+UPDATABLE = frozenset({"url", "event_types", "description", "verify_tls", "max_in_flight",
+                       "rate_limit", "rate_burst"})
+# Rows re-sealed per transaction by `reseal`.
+RESEAL_CHUNK = 500
+
+
+def _not_found(endpoint_id: str) -> EndpointNotFound:
+    return EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
 
 
 class EndpointRecords:
     engine: AsyncEngine
+    keys: KeyRing
 
-    # -- endpoints -------------------------------------------------------------------------
-
-    async def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
-        if not endpoint.secrets:
-            raise InvalidEndpoint("an endpoint needs at least one signing secret")
-        for secret in endpoint.secrets:
-            secret_key(secret)
-        now = utcnow()
-        row = {
-            "id": endpoint.id,
-            "url": endpoint.url,
-            "secrets": list(endpoint.secrets),
-            "event_types": list(endpoint.event_types),
-            "enabled": endpoint.enabled,
-            "disabled_reason": endpoint.disabled_reason,
-            "description": endpoint.description,
-            "created_at": now,
-            "updated_at": now,
-        }
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(insert(endpoints), [row])
-        except IntegrityError as exc:
-            raise InvalidEndpoint(f"an endpoint with id {endpoint.id!r} exists already") from exc
-        return await self.get_endpoint(endpoint.id)
+    # -- reading ---------------------------------------------------------------------------
 
     async def get_endpoint(self, endpoint_id: str) -> Endpoint:
         found = await self.endpoints_by_id([endpoint_id])
         if endpoint_id not in found:
-            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
+            raise _not_found(endpoint_id)
         return found[endpoint_id]
 
     async def endpoints_by_id(self, ids: Iterable[str]) -> dict[str, Endpoint]:
@@ -57,14 +54,14 @@ class EndpointRecords:
         try:
             async with self.engine.connect() as conn:
                 rows = await conn.execute(select(endpoints).where(endpoints.c.id.in_(wanted)))
-                return {row.id: endpoint_from_row(row) for row in rows}
+                return {row.id: endpoint_from_row(row, self.keys) for row in rows}
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
 
     async def list_endpoints(self) -> list[Endpoint]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(endpoints).order_by(endpoints.c.created_at))
-            return [endpoint_from_row(row) for row in rows]
+            return [endpoint_from_row(row, self.keys) for row in rows]
 
     async def subscribed_endpoints(self, event_type: str) -> list[Endpoint]:
         """Enabled endpoints that take `event_type`.
@@ -74,31 +71,154 @@ class EndpointRecords:
         try:
             async with self.engine.connect() as conn:
                 rows = await conn.execute(select(endpoints).where(endpoints.c.enabled.is_(True)))
-                return [ep for ep in map(endpoint_from_row, rows) if ep.subscribes_to(event_type)]
+                found = [endpoint_from_row(row, self.keys) for row in rows]
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not read endpoints: {exc}") from exc
+        return [ep for ep in found if ep.subscribes_to(event_type)]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        if not endpoint.secrets:
+            raise InvalidEndpoint("an endpoint needs at least one signing secret")
+        parse_signing_keys(endpoint.secrets)
+        now = utcnow()
+        p = endpoint.policy
+        row = {
+            "id": endpoint.id,
+            "url": endpoint.url,
+            "credentials": seal_credentials(self.keys, endpoint.id,
+                                            fresh(endpoint.secrets, p.headers)),
+            "event_types": list(endpoint.event_types),
+            "enabled": endpoint.enabled,
+            "disabled_reason": endpoint.disabled_reason,
+            "description": endpoint.description,
+            "created_at": now,
+            "updated_at": now,
+            "verify_tls": p.verify_tls,
+            "max_in_flight": p.max_in_flight,
+            "rate_limit": p.rate_limit,
+            "rate_burst": p.rate_burst if p.rate_limit is not None else None,
+            "failure_streak": 0,
+        }
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(endpoints), [row])
+        except IntegrityError as exc:
+            raise InvalidEndpoint(f"an endpoint with id {endpoint.id!r} exists already") from exc
+        return await self.get_endpoint(endpoint.id)
+
+    async def update_endpoint(self, endpoint_id: str, **changes: Any) -> Endpoint:
+        """Change plain settings (see UPDATABLE); returns the endpoint as it now is."""
+        unknown = set(changes) - UPDATABLE
+        if unknown:
+            raise InvalidEndpoint(f"cannot change {', '.join(sorted(unknown))} this way")
+        if changes:
+            await self._update(endpoint_id, **changes)
+        return await self.get_endpoint(endpoint_id)
+
+    async def set_headers(self, endpoint_id: str, headers: Iterable[tuple[str, str]]) -> None:
+        """Replace the endpoint's static headers (sealed with its secrets)."""
+        creds = await self._credentials(endpoint_id)
+        new = Credentials(creds.secrets, creds.secrets_until, tuple(headers))
+        await self._update(endpoint_id, credentials=seal_credentials(self.keys, endpoint_id, new))
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        """Remove the endpoint; its delivery history stays until retention removes it."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(endpoints).where(endpoints.c.id == endpoint_id))
+        if result.rowcount == 0:
+            raise _not_found(endpoint_id)
 
     async def set_endpoint_enabled(
         self, endpoint_id: str, enabled: bool, reason: str | None = None
-    ) -> None:
+    ) -> int:
+        """Enable or disable. Enabling clears the endpoint's health record and makes its held
+        deliveries pending again, due now; returns how many were resumed."""
+        now = utcnow()
+        values: dict[str, Any] = {"enabled": enabled, "updated_at": now,
+                                  "disabled_reason": None if enabled else reason}
+        if enabled:
+            values.update(failure_streak=0, failing_since=None, circuit_open_until=None)
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id == endpoint_id)
-                .values(enabled=enabled, disabled_reason=None if enabled else reason,
-                        updated_at=utcnow())
-            )
-        if result.rowcount == 0:
-            raise EndpointNotFound(f"no endpoint with id {endpoint_id!r}")
+                update(endpoints).where(endpoints.c.id == endpoint_id).values(**values))
+            if result.rowcount == 0:
+                raise _not_found(endpoint_id)
+            if not enabled:
+                return 0
+            resumed = await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.endpoint_id == endpoint_id,
+                       deliveries.c.status == DeliveryStatus.HELD.value)
+                .values(status=DeliveryStatus.PENDING.value, next_attempt_at=now,
+                        locked_until=None, updated_at=now))
+            return int(resumed.rowcount)
 
-    async def rotate_secret(self, endpoint_id: str, new_secret: str, keep_previous: bool) -> None:
-        secret_key(new_secret)
-        current = await self.get_endpoint(endpoint_id)
-        secrets = [new_secret, *current.secrets[:1]] if keep_previous else [new_secret]
+    async def rotate_secret(self, endpoint_id: str, new_secret: str, *,
+                            overlap_seconds: float, now: datetime | None = None) -> Endpoint:
+        """Sign with `new_secret` from now on; the previous ones keep signing for
+        `overlap_seconds` (0: stop at once), then stop by themselves."""
+        parse_signing_keys([new_secret])
+        at = now or utcnow()
+        creds = await self._credentials(endpoint_id)
+        until = at + timedelta(seconds=overlap_seconds) if overlap_seconds > 0 else None
+        new = rotated(creds, new_secret, now=at, overlap_until=until)
+        await self._update(endpoint_id, credentials=seal_credentials(self.keys, endpoint_id, new))
+        return await self.get_endpoint(endpoint_id)
+
+    # -- sealing keys ----------------------------------------------------------------------
+
+    async def key_usage(self) -> dict[str, int]:
+        """How many endpoints are sealed under each key id."""
+        async with self.engine.connect() as conn:
+            tokens = (await conn.execute(select(endpoints.c.credentials))).scalars()
+            usage: dict[str, int] = {}
+            for token in tokens:
+                kid = sealed_key_id(token)
+                usage[kid] = usage.get(kid, 0) + 1
+            return usage
+
+    async def reseal(self, chunk: int = RESEAL_CHUNK) -> int:
+        """Re-seal every endpoint not sealed under the newest key; one transaction per chunk.
+
+        Returns how many rows were re-sealed. A row that does not open with the ring raises
+        SealError naming it; rows done before it stay done.
+        """
+        newest = self.keys.sealing_key_id
+        done = 0
+        after = ""
+        while True:
+            async with self.engine.begin() as conn:
+                rows = list(await conn.execute(
+                    select(endpoints.c.id, endpoints.c.credentials)
+                    .where(endpoints.c.id > after).order_by(endpoints.c.id).limit(chunk)))
+                for row in rows:
+                    if sealed_key_id(row.credentials) == newest:
+                        continue
+                    creds = open_credentials(self.keys, row.id, row.credentials)
+                    await conn.execute(
+                        update(endpoints).where(endpoints.c.id == row.id)
+                        .values(credentials=seal_credentials(self.keys, row.id, creds)))
+                    done += 1
+            if len(rows) < chunk:
+                return done
+            after = rows[-1].id
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _credentials(self, endpoint_id: str) -> Credentials:
+        async with self.engine.connect() as conn:
+            token = (await conn.execute(select(endpoints.c.credentials)
+                                        .where(endpoints.c.id == endpoint_id))).scalar()
+        if token is None:
+            raise _not_found(endpoint_id)
+        return open_credentials(self.keys, endpoint_id, token)
+
+    async def _update(self, endpoint_id: str, **values: Any) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id == endpoint_id)
-                .values(secrets=secrets, updated_at=utcnow())
-            )
-
+            result = await conn.execute(
+                update(endpoints).where(endpoints.c.id == endpoint_id)
+                .values(**values, updated_at=utcnow()))
+        if result.rowcount == 0:
+            raise _not_found(endpoint_id)

@@ -53,13 +53,23 @@ endpoints = Table(
     metadata,
     Column("id", String(ENDPOINT_ID_MAX), primary_key=True),
     Column("url", Text, nullable=False),
-    Column("secrets", JSON, nullable=False),  # list of whsec_ strings, newest first
+    # Signing secrets and static headers, sealed together (worker.core.credentials): the
+    # table holds no secret in any encoding.
+    Column("credentials", Text, nullable=False),
     Column("event_types", JSON, nullable=False),  # empty list: every type
     Column("enabled", Boolean, nullable=False, default=True),
     Column("disabled_reason", Text),
     Column("description", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("verify_tls", Boolean, nullable=False, default=True),
+    Column("max_in_flight", Integer),  # NULL: the global default
+    Column("rate_limit", Float),  # events per second across all workers; NULL: none
+    Column("rate_burst", Integer),
+    # Health, shared by every worker: the circuit breaker and the automatic disable read it.
+    Column("failure_streak", Integer, nullable=False, default=0),
+    Column("failing_since", UTCDateTime),
+    Column("circuit_open_until", UTCDateTime),
 )
 
 # endpoint_id is not a foreign key: rejected events name endpoints that do not exist,

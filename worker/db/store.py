@@ -10,33 +10,56 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.core.errors import StoreUnavailable
+from worker.core.health import (
+    BatchHealth,
+    HealthChange,
+    HealthEvent,
+    HealthPolicy,
+    batch_health,
+    circuit_opens,
+    disable_reason,
+    should_disable,
+)
 from worker.core.models import (
     ENDPOINT_ID_MAX,
     AttemptRecord,
     Delivery,
     DeliveryStatus,
+    Endpoint,
     OutcomeKind,
-    Refusal,
     Rejection,
-    usable_endpoint,
 )
+from worker.core.sealing import KeyRing
 from worker.db.endpoint_records import EndpointRecords
 from worker.db.history import DeliveryHistory
 from worker.db.rows import UNAVAILABLE, utcnow
-from worker.db.schema import attempts, deliveries, endpoints
+from worker.db.schema import UTCDateTime, attempts, deliveries, endpoints
+from worker.settings import Settings
+
+
+def open_store(engine: AsyncEngine, settings: Settings) -> Store:
+    """A Store over `engine` with the key ring and health policy `settings` name."""
+    from worker.keys import load_keyring
+
+    health = HealthPolicy(settings.breaker_failures, settings.breaker_cooldown,
+                          settings.disable_after)
+    return Store(engine, load_keyring(settings, database_url=str(engine.url)), health)
 
 
 class Store(EndpointRecords, DeliveryHistory):
     """The records of one process, over one AsyncEngine: endpoints, intake, claims, outcomes,
     history."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, keys: KeyRing,
+                 health: HealthPolicy | None = None) -> None:
         self.engine = engine
+        self.keys = keys
+        self.health = health or HealthPolicy()
         self._dialect = engine.dialect.name
 
     # -- intake ----------------------------------------------------------------------------
@@ -97,15 +120,22 @@ class Store(EndpointRecords, DeliveryHistory):
 
     async def claim_due(self, limit: int, lease_seconds: float) -> tuple[list[Delivery], int]:
         """Lease up to `limit` due pending deliveries; returns them and how many were failed
-        on the spot because their endpoint is gone or disabled."""
+        on the spot because their endpoint is gone.
+
+        Deliveries of an endpoint whose circuit is open are not claimed. A disabled endpoint's
+        are held. Of a circuit past its cool-down, one worker wins the probe: it gets one
+        delivery, and the rest wait for the probe's verdict.
+        """
         now = utcnow()
         lease_until = now + timedelta(seconds=lease_seconds)
+        open_circuits = select(endpoints.c.id).where(endpoints.c.circuit_open_until > now)
         due = (
             select(deliveries.c.id)
             .where(
                 deliveries.c.status == DeliveryStatus.PENDING.value,
                 deliveries.c.next_attempt_at <= now,
                 or_(deliveries.c.locked_until.is_(None), deliveries.c.locked_until < now),
+                deliveries.c.endpoint_id.not_in(open_circuits),
             )
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
@@ -117,48 +147,92 @@ class Store(EndpointRecords, DeliveryHistory):
             .values(locked_until=lease_until)
             .returning(
                 deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.payload,
-                deliveries.c.attempts, deliveries.c.event_type,
+                deliveries.c.attempts, deliveries.c.event_type, deliveries.c.next_attempt_at,
             )
         )
         async with self.engine.begin() as conn:
-            claimed = list(await conn.execute(claim))
+            claimed = sorted(await conn.execute(claim), key=lambda row: row.next_attempt_at)
         if not claimed:
             return [], 0
         eps = await self.endpoints_by_id(row.endpoint_id for row in claimed)
         ready: list[Delivery] = []
         dead: list[tuple[str, str]] = []
+        held: list[tuple[str, str]] = []
+        waiting: dict[str, list[str]] = {}  # endpoint -> deliveries behind its probe
+        probed: set[str] = set()  # circuits whose probe was tried in this claim
         for row in claimed:
-            ep = usable_endpoint(row.endpoint_id, eps.get(row.endpoint_id))
-            if isinstance(ep, Refusal):
-                dead.append((row.id, ep.message))
-            else:
-                ready.append(
-                    Delivery(
-                        id=row.id, endpoint_id=ep.id, url=ep.url, secrets=ep.secrets,
-                        payload=row.payload, attempts=row.attempts, event_type=row.event_type,
-                        lease_until=lease_until.timestamp(),
-                    )
-                )
-        if dead:
-            await self._fail_unattemptable(dead)
+            ep = eps.get(row.endpoint_id)
+            if ep is None:
+                dead.append((row.id, f"no endpoint with id {row.endpoint_id!r}"))
+                continue
+            if not ep.enabled:
+                held.append((row.id, f"endpoint disabled: {ep.disabled_reason or 'by operator'}"))
+                continue
+            if ep.circuit_open_until is not None:
+                first = ep.id not in probed
+                probed.add(ep.id)
+                if not (first and await self._win_probe(ep, now)):
+                    waiting.setdefault(ep.id, []).append(row.id)
+                    continue
+            ready.append(Delivery(
+                id=row.id, endpoint_id=ep.id, url=ep.url, secrets=ep.signing_secrets(now),
+                payload=row.payload, attempts=row.attempts, event_type=row.event_type,
+                lease_until=lease_until.timestamp(), policy=ep.policy,
+            ))
+        await self._set_aside(dead, held, waiting, now)
         return ready, len(dead)
 
-    async def _fail_unattemptable(self, dead: list[tuple[str, str]]) -> None:
-        stmt = (
+    async def _win_probe(self, ep: Endpoint, now: datetime) -> bool:
+        """Take the one probe of a circuit past its cool-down (compare-and-set on the row)."""
+        assert ep.circuit_open_until is not None
+        if ep.circuit_open_until > now:
+            return False
+        until = now + timedelta(seconds=self.health.breaker_cooldown)
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id == ep.id,
+                       endpoints.c.circuit_open_until == ep.circuit_open_until)
+                .values(circuit_open_until=until))
+        return bool(won.rowcount)
+
+    async def _set_aside(self, dead: list[tuple[str, str]], held: list[tuple[str, str]],
+                         waiting: dict[str, list[str]], now: datetime) -> None:
+        """Fail deliveries of unknown endpoints, hold disabled ones', and let those behind an
+        open circuit wait (unleased, no attempt) until it may be probed again."""
+        move = (
             update(deliveries)
             .where(deliveries.c.id == bindparam("b_id"))
-            .values(status=DeliveryStatus.FAILED.value, locked_until=None, next_attempt_at=None,
-                    last_error=bindparam("b_error"), updated_at=utcnow())
+            .values(status=bindparam("b_status"), locked_until=None,
+                    next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
+                    updated_at=now)
         )
-        async with self.engine.begin() as conn:
-            await conn.execute(stmt, [{"b_id": i, "b_error": e} for i, e in dead])
+        rows = [{"b_id": i, "b_status": DeliveryStatus.FAILED.value, "b_next": None,
+                 "b_error": e} for i, e in dead]
+        rows += [{"b_id": i, "b_status": DeliveryStatus.HELD.value, "b_next": None,
+                  "b_error": e} for i, e in held]
+        if rows:
+            async with self.engine.begin() as conn:
+                await conn.execute(move, rows)
+        if waiting:
+            async with self.engine.begin() as conn:
+                circuits = dict(list(await conn.execute(
+                    select(endpoints.c.id, endpoints.c.circuit_open_until)
+                    .where(endpoints.c.id.in_(list(waiting))))))
+                for endpoint_id, ids in waiting.items():
+                    until = circuits.get(endpoint_id) or now
+                    await conn.execute(
+                        update(deliveries).where(deliveries.c.id.in_(ids))
+                        .values(locked_until=None, next_attempt_at=max(until, now),
+                                updated_at=now))
 
     # -- outcomes --------------------------------------------------------------------------
 
-    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
-        """Write attempts and the deliveries' new state in one transaction."""
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> list[HealthChange]:
+        """Write attempts, the deliveries' new state and their endpoints' health in one
+        transaction. Returns the circuits that opened or closed and the endpoints disabled."""
         if not records:
-            return
+            return []
         now = utcnow()
         attempt_rows = [_attempt_row(r) for r in records]
         delivery_rows = [_delivery_move(r) for r in records]
@@ -184,16 +258,83 @@ class Store(EndpointRecords, DeliveryHistory):
             async with self.engine.begin() as conn:
                 await conn.execute(insert(attempts), attempt_rows)
                 await conn.execute(move, delivery_rows)
+                changes = await self._update_health(conn, batch_health(records), now)
                 if gone:
+                    reason = "receiver answered 410 Gone at " + now.isoformat(timespec="seconds")
                     await conn.execute(
                         update(endpoints)
                         .where(endpoints.c.id.in_(gone))
-                        .values(enabled=False, updated_at=now,
-                                disabled_reason="receiver answered 410 Gone at "
-                                + now.isoformat(timespec="seconds"))
+                        .values(enabled=False, updated_at=now, disabled_reason=reason)
                     )
+                    changes += [HealthChange(e, HealthEvent.DISABLED, reason=reason) for e in gone]
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc
+        return changes
+
+    async def _update_health(self, conn: AsyncConnection, health: dict[str, BatchHealth],
+                             now: datetime) -> list[HealthChange]:
+        """Apply a batch's verdicts to the shared health rows (atomic per row, so workers
+        recording at once add up)."""
+        changes: list[HealthChange] = []
+        recovered = sorted(e for e, h in health.items() if h.succeeded and not h.failures)
+        if recovered:
+            closed = await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id.in_(recovered), endpoints.c.circuit_open_until.is_not(None))
+                .values(failure_streak=0, failing_since=None, circuit_open_until=None)
+                .returning(endpoints.c.id))
+            closed_ids = sorted(closed.scalars())
+            await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id.in_(recovered), endpoints.c.failure_streak > 0)
+                .values(failure_streak=0, failing_since=None))
+            if closed_ids:
+                # What waited for the circuit may go now rather than at its old due time.
+                await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.endpoint_id.in_(closed_ids),
+                           deliveries.c.status == DeliveryStatus.PENDING.value,
+                           deliveries.c.locked_until.is_(None),
+                           deliveries.c.next_attempt_at > now)
+                    .values(next_attempt_at=now))
+                changes += [HealthChange(e, HealthEvent.CLOSED) for e in closed_ids]
+        for endpoint_id, h in sorted(health.items()):
+            if h.failures:
+                changes += await self._add_failures(conn, endpoint_id, h, now)
+        return changes
+
+    async def _add_failures(self, conn: AsyncConnection, endpoint_id: str, h: BatchHealth,
+                            now: datetime) -> list[HealthChange]:
+        policy = self.health
+        assert h.first_failure_at is not None
+        streak = (literal(h.failures) if h.succeeded
+                  else endpoints.c.failure_streak + h.failures)
+        since = (literal(h.first_failure_at, UTCDateTime()) if h.succeeded
+                 else func.coalesce(endpoints.c.failing_since, h.first_failure_at))
+        open_until = now + timedelta(seconds=policy.breaker_cooldown)
+        row = (await conn.execute(
+            update(endpoints)
+            .where(endpoints.c.id == endpoint_id)
+            .values(failure_streak=streak, failing_since=since,
+                    circuit_open_until=case(
+                        (streak >= policy.breaker_failures, open_until),
+                        else_=endpoints.c.circuit_open_until))
+            .returning(endpoints.c.failure_streak, endpoints.c.failing_since,
+                       endpoints.c.enabled))).first()
+        if row is None:
+            return []  # deleted meanwhile
+        changes: list[HealthChange] = []
+        before = 0 if h.succeeded else row.failure_streak - h.failures
+        if circuit_opens(before, row.failure_streak, policy) or (
+                before >= policy.breaker_failures and row.failure_streak > before):
+            changes.append(HealthChange(endpoint_id, HealthEvent.OPENED, until=open_until,
+                                        reason=h.last_error))
+        if row.enabled and should_disable(row.failing_since, now, policy):
+            reason = disable_reason(row.failing_since, row.failure_streak, h.last_error)
+            await conn.execute(update(endpoints).where(endpoints.c.id == endpoint_id)
+                               .values(enabled=False, disabled_reason=reason, updated_at=now))
+            changes.append(HealthChange(endpoint_id, HealthEvent.DISABLED, reason=reason))
+        return changes
 
     async def release(self, ids: Sequence[str], due_at: datetime) -> None:
         """Give leased pending deliveries back to the database, due again at `due_at`."""

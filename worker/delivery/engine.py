@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 
 from worker.core.attempt_log import attempt_line, level_of
 from worker.core.clock import SYSTEM_CLOCK, Clock
+from worker.core.health import HealthChange, HealthEvent
 from worker.core.models import AttemptRecord
 from worker.db.connection import create_engine
-from worker.db.store import Store
+from worker.db.store import open_store
 from worker.delivery.gatherer import GatherConfig, Gatherer
 from worker.delivery.intake import Intake, IntakeConfig
+from worker.delivery.ratelimit import limiter_for
 from worker.delivery.rescuer import RescueConfig, Rescuer
 from worker.delivery.scheduler import Scheduler, SchedulerConfig
 from worker.delivery.sender import Sender, SenderConfig
@@ -23,6 +25,7 @@ from worker.settings import Settings
 
 log = logging.getLogger("webhooks.engine")
 attempts_log = logging.getLogger("webhooks.attempts")
+health_log = logging.getLogger("webhooks.health")
 
 
 class Engine:
@@ -36,16 +39,19 @@ class Engine:
                  rand: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.db = create_engine(settings)
-        self.store = Store(self.db)
+        # Reads the key ring: a missing key stops the start here, never a delivery later.
+        self.store = open_store(self.db, settings)
         self.sender = Sender(SenderConfig.from_settings(settings))
+        self.limiter = limiter_for(settings.broker_url)
         self.writer = OutcomeWriter(WriterConfig.from_settings(settings), self.store, clock=clock)
         self.scheduler = Scheduler(SchedulerConfig.from_settings(settings), self.sender,
-                                   self.writer, rand=rand, clock=clock)
+                                   self.writer, rand=rand, clock=clock, limiter=self.limiter)
         self.intake = Intake(IntakeConfig.from_settings(settings), self.store, self.scheduler,
                              clock=clock)
         self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler)
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
         self.writer.on_written(self._log_attempts)
+        self.writer.on_health(_log_health)
         self.rescuer: Rescuer | None = None  # only where the broker is consumed
         self._clock = clock
         self._stats_task: asyncio.Task[None] | None = None
@@ -69,6 +75,7 @@ class Engine:
         await self.scheduler.stop(self.settings.shutdown_grace)
         await self.writer.close()
         await self.sender.close()
+        await self.limiter.close()
         await self.db.dispose()
         log.info("engine stopped: %s", self.stats())
 
@@ -103,3 +110,17 @@ class Engine:
                          now["recorded"] - last["recorded"], scheduler.in_flight,
                          scheduler.waiting, now["lease_lost"], now["write_failures"])
             last = now
+
+
+def _log_health(changes: Sequence[HealthChange]) -> None:
+    """Circuit and endpoint state changes, for the journal: trouble at ERROR."""
+    for change in changes:
+        if change.event is HealthEvent.CLOSED:
+            health_log.info("circuit closed endpoint=%s: a probe succeeded", change.endpoint_id)
+        elif change.event is HealthEvent.OPENED:
+            until = change.until.isoformat(timespec="seconds") if change.until else "?"
+            health_log.error("circuit open endpoint=%s until=%s: no attempts until then "
+                             "(last error: %s)", change.endpoint_id, until, change.reason)
+        else:
+            health_log.error("endpoint disabled endpoint=%s: %s", change.endpoint_id,
+                             change.reason)

@@ -16,6 +16,7 @@ from worker.core.models import (
     ENDPOINT_ID_MAX,
     AcceptReport,
     Delivery,
+    DeliveryStatus,
     EventIn,
     Incoming,
     Refusal,
@@ -92,19 +93,34 @@ class Intake:
         eps = await self.store.endpoints_by_id(ev.webhook_id for _, ev in valid)
         rows: list[dict[str, Any]] = []
         pending: list[Delivery] = []
+        now = self._clock.now()
         for mid, ev in valid:
             ep = usable_endpoint(ev.webhook_id, eps.get(ev.webhook_id))
-            if isinstance(ep, Refusal):
+            if isinstance(ep, Refusal) and ep.code != "endpoint_disabled":
                 rejections.append((mid, Rejection(ev.webhook_id, ep.code, ep.message,
                                                   idempotency_key=ev.idempotency_key,
                                                   event_type=ev.event_type, payload=ev.payload)))
                 continue
-            delivery_id = derived_id("msg", mid, ep.id)
-            rows.append({"id": delivery_id, "endpoint_id": ep.id, "event_type": ev.event_type,
-                         "idempotency_key": ev.idempotency_key, "payload": ev.payload})
-            pending.append(Delivery(id=delivery_id, endpoint_id=ep.id, url=ep.url,
-                                    secrets=ep.secrets, payload=ev.payload,
-                                    event_type=ev.event_type))
+            endpoint = eps[ev.webhook_id]
+            delivery_id = derived_id("msg", mid, endpoint.id)
+            row: dict[str, Any] = {
+                "id": delivery_id, "endpoint_id": endpoint.id, "event_type": ev.event_type,
+                "idempotency_key": ev.idempotency_key, "payload": ev.payload}
+            if isinstance(ep, Refusal):
+                # Kept, not refused: it is sent once the endpoint is enabled again.
+                row.update(status=DeliveryStatus.HELD.value, next_attempt_at=None,
+                           locked_until=None, last_error=ep.message)
+            elif endpoint.circuit_open_until is not None:
+                # The circuit decides when; the sweep hands it out then, no attempt before.
+                row.update(next_attempt_at=max(endpoint.circuit_open_until, now),
+                           locked_until=None)
+            else:
+                pending.append(Delivery(id=delivery_id, endpoint_id=endpoint.id,
+                                        url=endpoint.url,
+                                        secrets=endpoint.signing_secrets(now),
+                                        payload=ev.payload, event_type=ev.event_type,
+                                        policy=endpoint.policy))
+            rows.append(row)
         report = await self._commit(rows, pending, rejections)
         report.duplicates += len(items) - len(unique)
         return report
@@ -127,8 +143,8 @@ class Intake:
         lease_ts = lease_until.timestamp()
         fresh = [replace(d, lease_until=lease_ts) for d in pending if d.id in inserted]
         self.scheduler.submit(fresh)
-        report = AcceptReport(accepted=[d.id for d in fresh],
-                              duplicates=len(pending) - len(fresh),
+        accepted = [row["id"] for row in rows if row["id"] in inserted]
+        report = AcceptReport(accepted=accepted, duplicates=len(rows) - len(accepted),
                               rejected=[r for _, r in rejections])
         for rejection in report.rejected:
             log.warning("rejected event for %s: %s: %s", rejection.webhook_id, rejection.code,

@@ -16,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from worker.core.clock import SYSTEM_CLOCK, Clock
+from worker.core.health import HealthChange, HealthEvent
 from worker.core.models import AttemptRecord, Delivery, HttpResult
 from worker.core.outcome import decide
+from worker.delivery.ratelimit import RateLimit
 from worker.delivery.writer import OutcomeWriter
 from worker.settings import Settings
 
@@ -38,6 +42,12 @@ class Sends(Protocol):
     async def send(self, delivery: Delivery) -> HttpResult: ...
 
 
+class Limits(Protocol):
+    async def take(self, key: str, limit: RateLimit) -> float:
+        """0.0: go now; else seconds until the endpoint's shared bucket has a token."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_in_flight: int
@@ -48,11 +58,22 @@ class SchedulerConfig:
     retry_schedule: tuple[float, ...]
     retry_jitter: float
     max_retry_after: float
+    default_rate: float | None = None  # per endpoint, when it sets none of its own
+    default_burst: int = 1
 
     @classmethod
     def from_settings(cls, s: Settings) -> SchedulerConfig:
         return cls(s.max_in_flight, s.per_endpoint_limit, s.max_queued, s.park_limit,
-                   s.slow_endpoint_seconds, s.retry_schedule, s.retry_jitter, s.max_retry_after)
+                   s.slow_endpoint_seconds, s.retry_schedule, s.retry_jitter, s.max_retry_after,
+                   s.rate_limit, s.rate_burst)
+
+    def rate_of(self, delivery: Delivery) -> RateLimit | None:
+        policy = delivery.policy
+        if policy.rate_limit is not None:
+            return RateLimit(policy.rate_limit, policy.rate_burst)
+        if self.default_rate is not None:
+            return RateLimit(self.default_rate, self.default_burst)
+        return None
 
 
 class Scheduler:
@@ -66,8 +87,10 @@ class Scheduler:
         *,
         rand: Callable[[], float] = random.random,
         clock: Clock = SYSTEM_CLOCK,
+        limiter: Limits | None = None,
     ) -> None:
         self.config = config
+        self._limiter = limiter
         self._sender = sender
         self._writer = writer
         self._rand = rand
@@ -82,10 +105,14 @@ class Scheduler:
         self._parked_count = 0
         self._latency: dict[str, float] = {}  # per endpoint: smoothed attempt duration, s
         self._progress: dict[str, float] = {}  # per busy endpoint: last start/finish (monotonic)
+        self._throttled: dict[str, deque[Delivery]] = {}  # waiting for a rate-limit token
+        self._pacers: dict[str, asyncio.Task[None]] = {}
+        self._gates: dict[str, float] = {}  # endpoint -> unix time its circuit may be probed
         self._dispatch_task: asyncio.Task[None] | None = None
         self._accepting = True
-        self.stats = {"attempted": 0, "lease_lost": 0}
+        self.stats = {"attempted": 0, "lease_lost": 0, "held_back": 0}
         writer.on_written(lambda _: self._signal_room())
+        writer.on_health(self.apply_health)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -99,10 +126,11 @@ class Scheduler:
         hands them to a worker again.
         """
         self._accepting = False
-        if self._dispatch_task is not None:
-            self._dispatch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatch_task
+        for task in [self._dispatch_task, *self._pacers.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._attempts:
             _, late = await asyncio.wait(set(self._attempts), timeout=grace)
             for task in late:
@@ -166,17 +194,115 @@ class Scheduler:
     # -- dispatching -----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        limit = self.config.per_endpoint_limit
         while True:
             await self._slots.acquire()
             delivery = await self._queue.get()
-            endpoint = delivery.endpoint_id
-            if self._per_endpoint.get(endpoint, 0) >= limit:
-                self._park(delivery)
-                self._slots.release()
+            if self._limiter is not None and self.config.rate_of(delivery) is not None:
+                self._slots.release()  # waiting for a token holds no global slot
+                self._throttle(delivery)
             else:
-                self._start(delivery)
+                self._admit(delivery)
             self._signal_room()
+
+    def _admit(self, delivery: Delivery) -> None:
+        """Holding one global slot: start the delivery, park it, or give it back."""
+        endpoint = delivery.endpoint_id
+        limit = delivery.policy.max_in_flight or self.config.per_endpoint_limit
+        if self._gated(endpoint):
+            self._slots.release()
+            self._hold_back([delivery.id], endpoint)
+        elif self._per_endpoint.get(endpoint, 0) >= limit:
+            self._park(delivery)
+            self._slots.release()
+        else:
+            self._start(delivery)
+
+    # -- endpoint health -------------------------------------------------------------------
+
+    def apply_health(self, changes: Sequence[HealthChange]) -> None:
+        """Stop attempting an endpoint whose circuit opened or that was disabled."""
+        for change in changes:
+            endpoint = change.endpoint_id
+            if change.event is HealthEvent.CLOSED:
+                self._gates.pop(endpoint, None)
+                continue
+            until = change.until.timestamp() if change.until is not None else math.inf
+            self._gates[endpoint] = until
+            held = [d.id for d in self._parked.pop(endpoint, ())]
+            held += [d.id for d in self._throttled.pop(endpoint, ())]
+            self._parked_count -= len(held)
+            if held:
+                self._hold_back(held, endpoint)
+                self._signal_room()
+
+    def _gated(self, endpoint: str) -> bool:
+        until = self._gates.get(endpoint)
+        if until is None:
+            return False
+        if until > self._clock.time():
+            return True
+        del self._gates[endpoint]  # past its cool-down: the database decides who probes
+        return False
+
+    def _hold_back(self, ids: list[str], endpoint: str) -> None:
+        """Back to the database without an attempt: due when the circuit may be probed, or
+        now for a disabled endpoint (the sweep then holds them)."""
+        until = self._gates.get(endpoint, math.inf)
+        due = (datetime.fromtimestamp(until, UTC) if math.isfinite(until)
+               else self._clock.now())
+        self.stats["held_back"] += len(ids)
+        self._writer.give_back(ids, due_at=due)
+
+    # -- rate limits -----------------------------------------------------------------------
+
+    def _throttle(self, delivery: Delivery) -> None:
+        endpoint = delivery.endpoint_id
+        if self._gated(endpoint):
+            self._hold_back([delivery.id], endpoint)
+            return
+        queue = self._throttled.setdefault(endpoint, deque())
+        if len(queue) >= self.config.park_limit:
+            # More than a while's worth: the database keeps them, due when the rate allows.
+            limit = self.config.rate_of(delivery)
+            rate = limit.rate if limit is not None else 1.0
+            due = self._clock.now() + timedelta(seconds=len(queue) / rate)
+            self._writer.give_back([delivery.id], due_at=due)
+            return
+        queue.append(delivery)
+        self._parked_count += 1
+        if endpoint not in self._pacers:
+            self._pacers[endpoint] = asyncio.create_task(self._pace(endpoint),
+                                                         name=f"webhooks-pace-{endpoint}")
+
+    async def _pace(self, endpoint: str) -> None:
+        """Let an endpoint's throttled deliveries go as its shared bucket yields tokens."""
+        assert self._limiter is not None
+        try:
+            while self._accepting:
+                queue = self._throttled.get(endpoint)
+                if not queue:
+                    return
+                limit = self.config.rate_of(queue[0])
+                if limit is None:  # the endpoint's limit was lifted: admit without a token
+                    wait = 0.0
+                else:
+                    wait = await self._limiter.take(endpoint, limit)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                await self._slots.acquire()
+                queue = self._throttled.get(endpoint)
+                if not queue:  # given back meanwhile (circuit opened)
+                    self._slots.release()
+                    return
+                self._parked_count -= 1
+                delivery = queue.popleft()
+                if not queue:
+                    del self._throttled[endpoint]
+                self._admit(delivery)
+                self._signal_room()
+        finally:
+            self._pacers.pop(endpoint, None)
 
     def _park(self, delivery: Delivery) -> None:
         endpoint = delivery.endpoint_id

@@ -11,11 +11,13 @@ from types import TracebackType
 
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
+from yarl import URL
 
 from worker.core.errors import DestinationBlocked, InvalidSecret
 from worker.core.models import Delivery, ErrorKind, HttpResult
-from worker.core.netpolicy import IPNetwork, is_allowed
-from worker.core.signing import secret_key, webhook_headers
+from worker.core.netpolicy import IPNetwork, is_allowed, refusal_for_url
+from worker.core.signing import SigningKeys, parse_signing_keys, signed_headers
+from worker.delivery.resolver import VettingResolver
 from worker.settings import Settings
 
 USER_AGENT = "webhook-worker/0.1"
@@ -81,7 +83,9 @@ class Sender:
     def __init__(self, config: SenderConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
-        self._keys: dict[tuple[str, ...], tuple[bytes, ...]] = {}
+        self._keys: dict[tuple[str, ...], SigningKeys] = {}
+        # URL -> why it is not dialled at all (unparseable, or a forbidden literal host)
+        self._refusals: dict[str, HttpResult | None] = {}
 
     async def __aenter__(self) -> Sender:
         self.open()
@@ -105,6 +109,9 @@ class Sender:
             limit_per_host=0,
             ttl_dns_cache=DNS_CACHE_SECONDS,
             keepalive_timeout=KEEPALIVE_SECONDS,
+            # The resolver refuses a name with any forbidden address and hands over only
+            # vetted ones, which are what is dialled; the socket factory checks again.
+            resolver=VettingResolver(s.allowed_networks),
             socket_factory=guarded_socket_factory(s.allowed_networks),  # type: ignore[arg-type]
         )
         self._session = aiohttp.ClientSession(
@@ -121,14 +128,30 @@ class Sender:
             await self._session.close()
             self._session = None
 
-    def _signing_keys(self, secrets: tuple[str, ...]) -> tuple[bytes, ...]:
+    def _signing_keys(self, secrets: tuple[str, ...]) -> SigningKeys:
         keys = self._keys.get(secrets)
         if keys is None:
-            keys = tuple(secret_key(secret) for secret in secrets)
+            keys = parse_signing_keys(secrets)
             if len(self._keys) > KEY_CACHE_SIZE:
                 self._keys.clear()
             self._keys[secrets] = keys
         return keys
+
+    def _refusal(self, url: str) -> HttpResult | None:
+        if url not in self._refusals:
+            if len(self._refusals) > KEY_CACHE_SIZE:
+                self._refusals.clear()
+            self._refusals[url] = self._check_url(url)
+        return self._refusals[url]
+
+    def _check_url(self, url: str) -> HttpResult | None:
+        try:
+            URL(url).explicit_port  # noqa: B018 - parsing is the check
+        except (ValueError, TypeError) as exc:
+            return HttpResult(error_kind=ErrorKind.INVALID_URL, error=f"invalid URL: {exc}")
+        refusal = refusal_for_url(url, self.config.allowed_networks)
+        return None if refusal is None else HttpResult(error_kind=ErrorKind.BLOCKED,
+                                                        error=refusal)
 
     async def send(self, delivery: Delivery) -> HttpResult:
         """One attempt: sign afresh, POST, read a bounded excerpt. Never raises for I/O."""
@@ -139,17 +162,25 @@ class Sender:
         def elapsed() -> float:
             return (time.perf_counter() - started) * 1000.0
 
+        policy = delivery.policy
+        if policy.credential_error is not None:
+            return HttpResult(error_kind=ErrorKind.CREDENTIALS, error=policy.credential_error)
         try:
             keys = self._signing_keys(delivery.secrets)
         except InvalidSecret as exc:
             return HttpResult(error_kind=ErrorKind.INVALID_SECRET, error=f"endpoint secret: {exc}")
-        if not keys:
+        if not keys.hmac and not keys.ed25519:
             return HttpResult(error_kind=ErrorKind.INVALID_SECRET,
                               error="endpoint has no signing secret; nothing is sent unsigned")
-        headers = webhook_headers(keys, delivery.id, int(time.time()), delivery.payload)
+        refusal = self._refusal(delivery.url)
+        if refusal is not None:
+            return refusal
+        headers = dict(policy.headers)
+        headers.update(signed_headers(keys, delivery.id, int(time.time()), delivery.payload))
         try:
             async with self._session.post(
-                delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
+                delivery.url, data=delivery.payload, headers=headers, allow_redirects=False,
+                ssl=policy.verify_tls,  # False only by the per-endpoint test-only opt-out
             ) as response:
                 excerpt = await self._read_excerpt(response)
                 return HttpResult(
@@ -167,7 +198,9 @@ class Sender:
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             return HttpResult(error_kind=ErrorKind.TLS, error=_describe(exc), duration_ms=elapsed())
         except aiohttp.ClientConnectorDNSError as exc:
-            return HttpResult(error_kind=ErrorKind.DNS, error=_describe(exc), duration_ms=elapsed())
+            # The vetting resolver refuses a name that resolves to a forbidden address.
+            kind = ErrorKind.BLOCKED if _is_blocked(exc) else ErrorKind.DNS
+            return HttpResult(error_kind=kind, error=_describe(exc), duration_ms=elapsed())
         except aiohttp.ClientConnectorError as exc:
             kind = ErrorKind.BLOCKED if _is_blocked(exc) else ErrorKind.CONNECT
             return HttpResult(error_kind=kind, error=_describe(exc), duration_ms=elapsed())

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from worker.core.clock import SYSTEM_CLOCK, Clock
+from worker.core.health import HealthChange
 from worker.core.models import AttemptRecord
 from worker.settings import Settings
 
@@ -29,10 +30,12 @@ FINAL_WRITE_TRIES = 3
 MAX_WRITE_BACKOFF = 5.0
 
 Written = Callable[[Sequence[AttemptRecord]], None]
+HealthChanged = Callable[[Sequence[HealthChange]], None]
 
 
 class Recorder(Protocol):
-    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None: ...
+    async def record_attempts(
+        self, records: Sequence[AttemptRecord]) -> Sequence[HealthChange] | None: ...
 
     async def release(self, ids: Sequence[str], due_at: datetime) -> None: ...
 
@@ -57,9 +60,10 @@ class OutcomeWriter:
         self._recorder = recorder
         self._clock = clock
         self._unwritten: list[AttemptRecord] = []
-        self._spilled: list[str] = []
+        self._spilled: list[tuple[str, datetime | None]] = []
         self._flush_now = asyncio.Event()
         self._listeners: list[Written] = []
+        self._health_listeners: list[HealthChanged] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._failing = False  # while writes fail, only the backoff wakes the writer
@@ -78,9 +82,14 @@ class OutcomeWriter:
         if len(self._unwritten) >= self.config.flush_size and not self._failing:
             self._flush_now.set()
 
-    def give_back(self, ids: Sequence[str]) -> None:
-        """Hand leased deliveries back to the database, due again after `spill_delay`."""
-        self._spilled.extend(ids)
+    def on_health(self, listener: HealthChanged) -> None:
+        """Call `listener` with the endpoint health changes each written batch caused."""
+        self._health_listeners.append(listener)
+
+    def give_back(self, ids: Sequence[str], due_at: datetime | None = None) -> None:
+        """Hand leased deliveries back to the database, due again at `due_at` (default: after
+        `spill_delay`)."""
+        self._spilled.extend((i, due_at) for i in ids)
         self._flush_now.set()
 
     def start(self) -> None:
@@ -133,7 +142,7 @@ class OutcomeWriter:
         batch = self._unwritten[: self.config.flush_size]
         del self._unwritten[: len(batch)]
         try:
-            await self._recorder.record_attempts(batch)
+            changes = await self._recorder.record_attempts(batch)
         except Exception:
             self.stats["write_failures"] += 1
             self._unwritten[:0] = batch
@@ -142,16 +151,24 @@ class OutcomeWriter:
         self.stats["recorded"] += len(batch)
         for listener in self._listeners:
             listener(batch)
+        if changes:
+            for health_listener in self._health_listeners:
+                health_listener(changes)
 
     async def _release_spilled(self) -> None:
-        ids, self._spilled = self._spilled, []
-        due_at = self._clock.now() + timedelta(seconds=self.config.spill_delay)
-        try:
-            await self._recorder.release(ids, due_at)
-        except Exception as exc:  # their leases expire and the sweep resumes them anyway
-            log.warning("could not release %d parked deliveries (leases will): %s", len(ids), exc)
-            return
-        self.stats["spilled"] += len(ids)
+        spilled, self._spilled = self._spilled, []
+        default = self._clock.now() + timedelta(seconds=self.config.spill_delay)
+        by_due: dict[datetime, list[str]] = {}
+        for delivery_id, due_at in spilled:
+            by_due.setdefault(due_at or default, []).append(delivery_id)
+        for due_at, ids in by_due.items():
+            try:
+                await self._recorder.release(ids, due_at)
+            except Exception as exc:  # their leases expire and the sweep resumes them anyway
+                log.warning("could not release %d parked deliveries (leases will): %s",
+                            len(ids), exc)
+                continue
+            self.stats["spilled"] += len(ids)
 
     def _trim_unwritten(self) -> None:
         if len(self._unwritten) > MAX_UNWRITTEN:
