@@ -32,6 +32,7 @@ from bench.ledger import parse_status_mix
 from bench.modes import ALL_MODES, Context, make_logdir, run_celery_mode, run_engine_mode
 from bench.procs import Children
 from bench.receiver import ReceiverConfig, ReceiverPool, free_port, measure_capacity
+from worker.core.sealing import generate_key
 
 QUICK = {"events": 20_000, "duration": 2.5, "drain_timeout": 15.0, "warmup": 100,
          "capacity_seconds": 0.5, "engine_chunk": 5_000}
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     children = Children()
     tmpdir = Path(tempfile.mkdtemp(prefix="webhooks_bench-"))
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    # Endpoint secrets are sealed; the bench database is made anew each run, so is its key.
+    os.environ.setdefault("WEBHOOKS_SECRET_KEYS", generate_key("bench"))
     hosts = [f"127.0.0.{i % 250 + 1}" for i in range(args.endpoints)]
     port = free_port(hosts)
     rcfg = ReceiverConfig(

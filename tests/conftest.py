@@ -17,8 +17,7 @@ TEST_BROKER_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
 os.environ["CELERY_BROKER_URL"] = TEST_BROKER_URL
 os.environ.setdefault("WEBHOOKS_LOG_LEVEL", "WARNING")
 # Endpoint secrets are sealed; the tests (and the workers and CLIs they start) share one key.
-TEST_SECRET_KEYS = "test:" + "A" * 43 + "="
-os.environ.setdefault("WEBHOOKS_SECRET_KEYS", TEST_SECRET_KEYS)
+TEST_SECRET_KEYS = os.environ.setdefault("WEBHOOKS_SECRET_KEYS", "test:" + "A" * 43 + "=")
 PG_ADMIN_URL = os.environ.get("WEBHOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 BACKENDS = ("sqlite", "postgresql")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.core.errors import InvalidEndpoint, WebhookError
@@ -35,7 +37,7 @@ from worker.core.validation import (
 from worker.db.connection import create_engine
 from worker.db.store import Store, open_store
 from worker.keys import load_keyring
-from worker.settings import Settings, get_settings
+from worker.settings import MAX_SECRET_OVERLAP, Settings, get_settings
 
 T = TypeVar("T")
 
@@ -136,6 +138,8 @@ def cmd_endpoints_add(args: argparse.Namespace, settings: Settings) -> int:
     endpoint_id = validate_endpoint_id(args.id) if args.id else new_id("ep")
     url = _checked_url(args.url, settings)
     secrets = _new_secrets(args.scheme, args.secret)
+    if args.burst is not None and args.rate_limit is None:
+        raise WebhookError("--burst needs --rate-limit")
     rate, burst = validate_rate(args.rate_limit, args.burst)
     policy = EndpointPolicy(headers=validate_headers(args.header),
                             verify_tls=not args.insecure_skip_tls_verify,
@@ -195,6 +199,8 @@ def cmd_endpoints_list(args: argparse.Namespace, settings: Settings) -> int:
         if args.show_secret:
             for secret in ep.secrets:
                 print(f"\t{secret}")
+            for name, value in ep.policy.headers:
+                print(f"\t{name}: {value}")
     return 0
 
 
@@ -217,9 +223,17 @@ def cmd_endpoints_update(args: argparse.Namespace, settings: Settings) -> int:
         changes["event_types"] = []
     if args.description is not None:
         changes["description"] = args.description
-    if args.rate_limit is not None or args.burst is not None:
+    _conflicts(args, ("verify_tls", "insecure_skip_tls_verify"), ("all_events", "event_type"),
+               ("no_rate_limit", "rate_limit"), ("no_rate_limit", "burst"),
+               ("clear_headers", "header"))
+    if args.rate_limit is not None:
         rate, burst = validate_rate(args.rate_limit, args.burst)
-        changes.update(rate_limit=rate, rate_burst=burst)
+        changes["rate_limit"] = rate
+        if args.burst is not None:
+            changes["rate_burst"] = burst
+    elif args.burst is not None:
+        validate_rate(None, args.burst)
+        changes["rate_burst"] = args.burst  # the endpoint's own rate stays; checked below
     if args.no_rate_limit:
         changes.update(rate_limit=None, rate_burst=None)
     if args.max_in_flight is not None:
@@ -231,6 +245,11 @@ def cmd_endpoints_update(args: argparse.Namespace, settings: Settings) -> int:
         raise WebhookError("nothing to change: pass at least one option (see --help)")
 
     async def work(store: Store) -> Endpoint:
+        if "rate_burst" in changes and "rate_limit" not in changes:
+            current = await store.get_endpoint(args.id)
+            if current.policy.rate_limit is None:
+                raise WebhookError(f"endpoint {args.id!r} has no rate limit: give --rate-limit "
+                                   "with --burst")
         if headers is not None:
             await store.set_headers(args.id, headers)
         return await store.update_endpoint(args.id, **changes)
@@ -267,10 +286,13 @@ def cmd_endpoints_enable(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_endpoints_rotate(args: argparse.Namespace, settings: Settings) -> int:
     secrets = _new_secrets("v1a" if args.scheme == "both" else args.scheme, args.secret)
+    if args.drop_old and args.overlap is not None:
+        raise WebhookError("give --overlap or --drop-old, not both")
     overlap = 0.0 if args.drop_old else (
         settings.secret_overlap if args.overlap is None else args.overlap)
-    if overlap < 0:
-        raise WebhookError("--overlap must be 0 or more seconds")
+    if not (math.isfinite(overlap) and 0 <= overlap <= MAX_SECRET_OVERLAP):
+        raise WebhookError(f"--overlap must be 0..{MAX_SECRET_OVERLAP:.0f} seconds, "
+                           f"not {overlap}")
     ep = _with_store(settings, lambda store: store.rotate_secret(
         args.id, secrets[0], overlap_seconds=overlap))
     if args.json:
@@ -318,7 +340,7 @@ def cmd_deliveries_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(counts)
     else:
-        for status in ("pending", "succeeded", "failed", "rejected"):
+        for status in ("pending", "held", "succeeded", "failed", "rejected"):
             print(f"{status:<10} {counts.get(status, 0)}")
     return 0
 
@@ -442,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_deliveries_stats)
     li = dl.add_parser("list", help="the newest deliveries")
-    li.add_argument("--status", choices=["pending", "succeeded", "failed", "rejected"])
+    li.add_argument("--status", choices=["pending", "held", "succeeded", "failed", "rejected"])
     li.add_argument("--endpoint")
     li.add_argument("--limit", type=int, default=50)
     li.add_argument("--json", action="store_true")
@@ -458,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the demo database")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _conflicts(args: argparse.Namespace, *pairs: tuple[str, str]) -> None:
+    """Refuse options that contradict each other, rather than letting one silently win."""
+    for first, second in pairs:
+        if getattr(args, first) and getattr(args, second) not in (None, False, []):
+            raise WebhookError(f"--{first.replace('_', '-')} and --{second.replace('_', '-')} "
+                               "contradict each other")
 
 
 def _positive_int(text: str) -> int:
@@ -486,6 +516,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        print(f"webhooks: error: configuration: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    try:
         code: int = args.func(args, settings)
         return code
     except WebhookError as exc:

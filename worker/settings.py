@@ -16,6 +16,8 @@ DEFAULT_RETRY_SCHEDULE = (30.0, 120.0, 600.0)
 STANDARD_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 # A delay past this is a misconfiguration, not a schedule.
 MAX_RETRY_DELAY = 30 * 86400.0
+# A rotated-out secret signing for longer than this is a misconfiguration.
+MAX_SECRET_OVERLAP = 30 * 86400.0
 RETRY_PRESETS = {"default": DEFAULT_RETRY_SCHEDULE, "standard": STANDARD_RETRY_SCHEDULE}
 
 
@@ -50,7 +52,8 @@ class Settings(BaseSettings):
     # Sealing endpoint secrets (see "Secrets at rest" in the README)
     secret_keys: SecretStr | None = Field(None, validation_alias=_env("WEBHOOKS_SECRET_KEYS"))
     secret_key_file: str | None = Field(None, validation_alias=_env("WEBHOOKS_SECRET_KEY_FILE"))
-    secret_overlap: float = Field(86400.0, ge=0, validation_alias=_env("WEBHOOKS_SECRET_OVERLAP"))
+    secret_overlap: float = Field(86400.0, ge=0, le=MAX_SECRET_OVERLAP, allow_inf_nan=False,
+                                  validation_alias=_env("WEBHOOKS_SECRET_OVERLAP"))
 
     # Endpoint health
     breaker_failures: int = Field(5, ge=1, validation_alias=_env("WEBHOOKS_BREAKER_FAILURES"))

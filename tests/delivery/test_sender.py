@@ -634,3 +634,140 @@ async def test_transport_exceptions_map_to_error_kinds(sender, make_delivery, ma
     assert result.error_kind is kind
     assert result.status_code is None
     assert result.error and len(result.error) <= 500
+
+
+# -- issue 9: v1a signatures, static headers, TLS opt-out, sealed-credential errors, literals --
+
+
+async def test_v1a_alone_and_beside_v1_verify(server, sender, make_delivery):
+    """Ed25519 (`v1a`) verifies with the public key, by cryptography directly and by ours;
+    with both schemes, each entry verifies with its own key."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from worker.core.signing import generate_signing_key, verify
+
+    signing_key, public_key = generate_signing_key()
+    hmac_secret = generate_secret()
+    for secrets in [(signing_key,), (hmac_secret, signing_key)]:
+        result = await sender.send(make_delivery(server.url(), secrets=secrets, payload=PAYLOAD))
+        assert result.status_code == 200
+    alone, both = server.requests
+    for seen in (alone, both):
+        headers = lower(seen.headers)
+        entries = headers["webhook-signature"].split(" ")
+        (v1a,) = [e for e in entries if e.startswith("v1a,")]
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + seen.body
+        raw = base64.b64decode(public_key.removeprefix("whpk_"))
+        Ed25519PublicKey.from_public_bytes(raw).verify(base64.b64decode(v1a[4:]), signed)
+        verify(public_key, headers, seen.body)
+    assert lower(alone.headers)["webhook-signature"].count(",") == 1  # v1a only
+    both_headers = lower(both.headers)
+    assert Webhook(hmac_secret).verify(both.body, both_headers)
+    assert both_headers["webhook-signature"].startswith("v1,")
+
+
+async def test_static_headers_are_sent_and_cannot_replace_the_signature(
+        server, sender, make_delivery):
+    from dataclasses import replace
+
+    from worker.core.models import EndpointPolicy
+
+    secret = generate_secret()
+    delivery = replace(
+        make_delivery(server.url(), secrets=(secret,), payload=PAYLOAD),
+        # Validation refuses these names at `endpoints add`; the sender still puts its own last.
+        policy=EndpointPolicy(headers=(("X-Api-Key", "k-123"), ("webhook-signature", "v1,x"))))
+    assert (await sender.send(delivery)).status_code == 200
+    [seen] = server.requests
+    headers = lower(seen.headers)
+    assert headers["x-api-key"] == "k-123"
+    assert Webhook(secret).verify(seen.body, headers)
+
+
+@pytest.fixture
+async def tls_server(tmp_path):
+    """A real HTTPS server on 127.0.0.1 with a self-signed certificate."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    hits: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        hits.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield SimpleNamespace(url=f"https://127.0.0.1:{port}/hook", hits=hits)
+    await runner.cleanup()
+
+
+async def test_tls_is_verified_unless_the_endpoint_opts_out(tls_server, sender, make_delivery):
+    from dataclasses import replace
+
+    from worker.core.models import EndpointPolicy
+
+    verified = await sender.send(make_delivery(tls_server.url))
+    assert verified.error_kind is ErrorKind.TLS
+    assert tls_server.hits == []
+    insecure = replace(make_delivery(tls_server.url), policy=EndpointPolicy(verify_tls=False))
+    assert (await sender.send(insecure)).status_code == 200
+    assert len(tls_server.hits) == 1
+    # The opt-out is per endpoint: the next verified one is refused again.
+    assert (await sender.send(make_delivery(tls_server.url))).error_kind is ErrorKind.TLS
+
+
+async def test_unsealable_credentials_are_a_retryable_error_not_a_crash(
+        server, sender, make_delivery):
+    from dataclasses import replace
+
+    from worker.core.models import EndpointPolicy
+    from worker.core.outcome import classify
+
+    problem = "sealed with key 'k1', which is not in WEBHOOKS_SECRET_KEYS (it holds: k2)"
+    delivery = replace(make_delivery(server.url(), secrets=()),
+                       policy=EndpointPolicy(credential_error=problem))
+    result = await sender.send(delivery)
+    assert (result.error_kind, result.error) == (ErrorKind.CREDENTIALS, problem)
+    assert classify(result).kind.value == "retry"
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1", "017700000001",
+                                  "127.0.0.1.", "[::ffff:127.0.0.1]", "169.254.169.254",
+                                  "0x7f000001", "10.1", "[::1]"])
+async def test_literal_non_public_hosts_are_blocked_not_invalid(
+        host, make_settings, make_delivery, outside_connects):
+    async with Sender(SenderConfig.from_settings(make_settings(allowed_networks=()))) as s:
+        result = await s.send(make_delivery(f"http://{host}:9/hook"))
+    assert result.error_kind is ErrorKind.BLOCKED, result
+    assert "non-public" in (result.error or "")
+    assert outside_connects == []

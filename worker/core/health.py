@@ -20,6 +20,7 @@ class HealthPolicy:
     breaker_failures: int = 5  # consecutive failures that open the circuit
     breaker_cooldown: float = 60.0  # seconds open before one probe is let through
     disable_after: float = 5 * 86400.0  # nothing but failures this long: disabled
+    probe_seconds: float = 0.0  # the longest one probe may take; the circuit stays shut that long
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,11 +173,13 @@ def validate_header(text: str) -> tuple[str, str]:
         raise InvalidEndpoint(f"header {text!r:.80} must be 'Name: value' with a token name")
     if name.lower() in RESERVED_HEADERS or name.lower().startswith("webhook-"):
         raise InvalidEndpoint(f"header {name!r} is set by the worker and cannot be overridden")
+    # Printable ASCII only: no CR/LF injection, and nothing a receiver might decode
+    # differently (obs-text, C1 controls, U+2028).
     if len(value) > MAX_HEADER_VALUE or any(
-            (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F for ch in value):
+            not (0x20 <= ord(ch) < 0x7F or ch == "\t") for ch in value):
         raise InvalidEndpoint(
-            f"header {name!r} value must be at most {MAX_HEADER_VALUE} characters without "
-            "control characters (no CR or LF)")
+            f"header {name!r} value must be at most {MAX_HEADER_VALUE} printable ASCII "
+            "characters (no CR, LF or other control characters)")
     return name, value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from worker.core.credentials import (
     rotated,
     seal_credentials,
 )
-from worker.core.errors import EndpointNotFound, InvalidEndpoint, StoreUnavailable
+from worker.core.errors import EndpointNotFound, InvalidEndpoint, SealError, StoreUnavailable
 from worker.core.models import DeliveryStatus, Endpoint
 from worker.core.sealing import KeyRing, sealed_key_id
 from worker.core.signing import parse_signing_keys
@@ -29,6 +29,8 @@ UPDATABLE = frozenset({"url", "event_types", "description", "verify_tls", "max_i
                        "rate_limit", "rate_burst"})
 # Rows re-sealed per transaction by `reseal`.
 RESEAL_CHUNK = 500
+# Tries of a credentials change that finds the row changed under it.
+CHANGE_TRIES = 5
 
 
 def _not_found(endpoint_id: str) -> EndpointNotFound:
@@ -119,9 +121,9 @@ class EndpointRecords:
 
     async def set_headers(self, endpoint_id: str, headers: Iterable[tuple[str, str]]) -> None:
         """Replace the endpoint's static headers (sealed with its secrets)."""
-        creds = await self._credentials(endpoint_id)
-        new = Credentials(creds.secrets, creds.secrets_until, tuple(headers))
-        await self._update(endpoint_id, credentials=seal_credentials(self.keys, endpoint_id, new))
+        wanted = tuple(headers)
+        await self._change_credentials(
+            endpoint_id, lambda creds: Credentials(creds.secrets, creds.secrets_until, wanted))
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         """Remove the endpoint; its delivery history stays until retention removes it."""
@@ -161,10 +163,9 @@ class EndpointRecords:
         `overlap_seconds` (0: stop at once), then stop by themselves."""
         parse_signing_keys([new_secret])
         at = now or utcnow()
-        creds = await self._credentials(endpoint_id)
         until = at + timedelta(seconds=overlap_seconds) if overlap_seconds > 0 else None
-        new = rotated(creds, new_secret, now=at, overlap_until=until)
-        await self._update(endpoint_id, credentials=seal_credentials(self.keys, endpoint_id, new))
+        await self._change_credentials(
+            endpoint_id, lambda creds: rotated(creds, new_secret, now=at, overlap_until=until))
         return await self.get_endpoint(endpoint_id)
 
     # -- sealing keys ----------------------------------------------------------------------
@@ -175,45 +176,75 @@ class EndpointRecords:
             tokens = (await conn.execute(select(endpoints.c.credentials))).scalars()
             usage: dict[str, int] = {}
             for token in tokens:
-                kid = sealed_key_id(token)
+                try:
+                    kid = sealed_key_id(token)
+                except SealError:
+                    kid = "(malformed)"
                 usage[kid] = usage.get(kid, 0) + 1
             return usage
 
     async def reseal(self, chunk: int = RESEAL_CHUNK) -> int:
-        """Re-seal every endpoint not sealed under the newest key; one transaction per chunk.
+        """Re-seal every endpoint not sealed under the newest key, reading `chunk` rows at a
+        time; each row is swapped only if unchanged since read (else read again), so a
+        rotation committed meanwhile is never undone.
 
-        Returns how many rows were re-sealed. A row that does not open with the ring raises
-        SealError naming it; rows done before it stay done.
+        Returns how many rows were re-sealed. Rows that do not open with the ring are left as
+        they are and named at the end, in a SealError, after every other row is done.
         """
         newest = self.keys.sealing_key_id
         done = 0
+        unopened: list[str] = []
         after = ""
         while True:
-            async with self.engine.begin() as conn:
+            async with self.engine.connect() as conn:
                 rows = list(await conn.execute(
                     select(endpoints.c.id, endpoints.c.credentials)
                     .where(endpoints.c.id > after).order_by(endpoints.c.id).limit(chunk)))
-                for row in rows:
+            for row in rows:
+                try:
                     if sealed_key_id(row.credentials) == newest:
                         continue
-                    creds = open_credentials(self.keys, row.id, row.credentials)
-                    await conn.execute(
-                        update(endpoints).where(endpoints.c.id == row.id)
-                        .values(credentials=seal_credentials(self.keys, row.id, creds)))
-                    done += 1
+                    await self._change_credentials(row.id, lambda creds: creds)
+                except EndpointNotFound:
+                    continue  # deleted meanwhile
+                except SealError as exc:
+                    unopened.append(f"{row.id!r} ({exc})")
+                    continue
+                done += 1
             if len(rows) < chunk:
-                return done
+                break
             after = rows[-1].id
+        if unopened:
+            raise SealError(f"{done} endpoints re-sealed; {len(unopened)} could not be opened "
+                            f"and were left as they are: {'; '.join(unopened[:5])}"
+                            + (" …" if len(unopened) > 5 else ""))
+        return done
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _credentials(self, endpoint_id: str) -> Credentials:
-        async with self.engine.connect() as conn:
-            token = (await conn.execute(select(endpoints.c.credentials)
-                                        .where(endpoints.c.id == endpoint_id))).scalar()
-        if token is None:
-            raise _not_found(endpoint_id)
-        return open_credentials(self.keys, endpoint_id, token)
+    async def _change_credentials(self, endpoint_id: str,
+                                  change: Callable[[Credentials], Credentials]) -> None:
+        """Read, change, re-seal and write back, only if nobody wrote in between (else again):
+        two rotations, or a rotation and a re-seal, never undo each other."""
+        for _ in range(CHANGE_TRIES):
+            async with self.engine.connect() as conn:
+                token = (await conn.execute(select(endpoints.c.credentials)
+                                            .where(endpoints.c.id == endpoint_id))).scalar()
+            if token is None:
+                raise _not_found(endpoint_id)
+            new = change(open_credentials(self.keys, endpoint_id, token))
+            if await self._swap(endpoint_id, token, seal_credentials(self.keys, endpoint_id, new)):
+                return
+        raise StoreUnavailable(f"endpoint {endpoint_id!r} kept changing under "
+                               f"{CHANGE_TRIES} tries; try again")
+
+    async def _swap(self, endpoint_id: str, old: str, new: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(endpoints)
+                .where(endpoints.c.id == endpoint_id, endpoints.c.credentials == old)
+                .values(credentials=new, updated_at=utcnow()))
+        return bool(result.rowcount)
 
     async def _update(self, endpoint_id: str, **values: Any) -> None:
         async with self.engine.begin() as conn:

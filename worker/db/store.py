@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, literal, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -47,7 +47,8 @@ def open_store(engine: AsyncEngine, settings: Settings) -> Store:
     from worker.keys import load_keyring
 
     health = HealthPolicy(settings.breaker_failures, settings.breaker_cooldown,
-                          settings.disable_after)
+                          settings.disable_after,
+                          probe_seconds=settings.connect_timeout + settings.request_timeout)
     return Store(engine, load_keyring(settings, database_url=str(engine.url)), health)
 
 
@@ -187,7 +188,10 @@ class Store(EndpointRecords, DeliveryHistory):
         assert ep.circuit_open_until is not None
         if ep.circuit_open_until > now:
             return False
-        until = now + timedelta(seconds=self.health.breaker_cooldown)
+        # Held at least as long as the probe itself may take, so no second probe goes out
+        # while the first is still waiting for its answer.
+        until = now + timedelta(seconds=max(self.health.breaker_cooldown,
+                                            self.health.probe_seconds))
         async with self.engine.begin() as conn:
             won = await conn.execute(
                 update(endpoints)
@@ -261,12 +265,14 @@ class Store(EndpointRecords, DeliveryHistory):
                 changes = await self._update_health(conn, batch_health(records), now)
                 if gone:
                     reason = "receiver answered 410 Gone at " + now.isoformat(timespec="seconds")
-                    await conn.execute(
+                    disabled = await conn.execute(
                         update(endpoints)
-                        .where(endpoints.c.id.in_(gone))
+                        .where(endpoints.c.id.in_(gone), endpoints.c.enabled.is_(True))
                         .values(enabled=False, updated_at=now, disabled_reason=reason)
+                        .returning(endpoints.c.id)
                     )
-                    changes += [HealthChange(e, HealthEvent.DISABLED, reason=reason) for e in gone]
+                    changes += [HealthChange(e, HealthEvent.DISABLED, reason=reason)
+                                for e in sorted(disabled.scalars())]
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not record {len(records)} attempts: {exc}") from exc
         return changes
@@ -276,7 +282,15 @@ class Store(EndpointRecords, DeliveryHistory):
         """Apply a batch's verdicts to the shared health rows (atomic per row, so workers
         recording at once add up)."""
         changes: list[HealthChange] = []
-        recovered = sorted(e for e, h in health.items() if h.succeeded and not h.failures)
+        if not health:
+            return changes
+        # Lock every endpoint row this batch touches in one sorted pass first: two workers
+        # recording crossing batches then queue behind each other instead of deadlocking.
+        await conn.execute(select(endpoints.c.id).where(endpoints.c.id.in_(sorted(health)))
+                           .order_by(endpoints.c.id).with_for_update())
+        # A success closes the circuit and clears the streak, even if failures follow it in
+        # the same batch (they are counted afresh below).
+        recovered = sorted(e for e, h in health.items() if h.succeeded)
         if recovered:
             closed = await conn.execute(
                 update(endpoints)
@@ -309,8 +323,11 @@ class Store(EndpointRecords, DeliveryHistory):
         assert h.first_failure_at is not None
         streak = (literal(h.failures) if h.succeeded
                   else endpoints.c.failure_streak + h.failures)
-        since = (literal(h.first_failure_at, UTCDateTime()) if h.succeeded
-                 else func.coalesce(endpoints.c.failing_since, h.first_failure_at))
+        first = literal(h.first_failure_at, UTCDateTime())
+        # The earliest failure wins, whichever worker's batch is written first.
+        since = first if h.succeeded else case(
+            (or_(endpoints.c.failing_since.is_(None), endpoints.c.failing_since > first), first),
+            else_=endpoints.c.failing_since)
         open_until = now + timedelta(seconds=policy.breaker_cooldown)
         row = (await conn.execute(
             update(endpoints)

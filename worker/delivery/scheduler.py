@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,6 +35,11 @@ log = logging.getLogger("webhooks.scheduler")
 
 # Weight of the newest attempt in an endpoint's smoothed attempt duration.
 LATENCY_SMOOTHING = 0.2
+# How long a process stops attempting an endpoint it saw disabled, before the database's
+# word (held, or enabled again) takes over.
+DISABLED_GATE_SECONDS = 5.0
+# A throttled delivery must reach its turn this long before its lease ends, or it goes back.
+LEASE_MARGIN = 5.0
 
 
 class Sends(Protocol):
@@ -103,6 +107,7 @@ class Scheduler:
         self._per_endpoint: dict[str, int] = {}
         self._parked: dict[str, deque[Delivery]] = {}
         self._parked_count = 0
+        self._in_hand = 0  # 1 while the dispatcher holds a delivery waiting for a slot
         self._latency: dict[str, float] = {}  # per endpoint: smoothed attempt duration, s
         self._progress: dict[str, float] = {}  # per busy endpoint: last start/finish (monotonic)
         self._throttled: dict[str, deque[Delivery]] = {}  # waiting for a rate-limit token
@@ -147,7 +152,7 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         """Deliveries waiting for a slot, parked ones included."""
-        return self._queue.qsize() + self._parked_count
+        return self._queue.qsize() + self._in_hand + self._parked_count
 
     @property
     def held(self) -> int:
@@ -195,12 +200,17 @@ class Scheduler:
 
     async def _dispatch(self) -> None:
         while True:
-            await self._slots.acquire()
+            # The delivery first, then a slot: an idle dispatcher holds no slot that a
+            # rate-limited endpoint's pacer might be waiting for.
             delivery = await self._queue.get()
             if self._limiter is not None and self.config.rate_of(delivery) is not None:
-                self._slots.release()  # waiting for a token holds no global slot
-                self._throttle(delivery)
+                self._throttle(delivery)  # waiting for a token holds no global slot
             else:
+                self._in_hand = 1  # still waiting, as far as back-pressure is concerned
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._in_hand = 0
                 self._admit(delivery)
             self._signal_room()
 
@@ -226,8 +236,10 @@ class Scheduler:
             if change.event is HealthEvent.CLOSED:
                 self._gates.pop(endpoint, None)
                 continue
-            until = change.until.timestamp() if change.until is not None else math.inf
-            self._gates[endpoint] = until
+            # A disabled endpoint is gated only briefly: the database holds its deliveries
+            # from then on, and an operator may enable it again at any time.
+            self._gates[endpoint] = (change.until.timestamp() if change.until is not None
+                                     else self._clock.time() + DISABLED_GATE_SECONDS)
             held = [d.id for d in self._parked.pop(endpoint, ())]
             held += [d.id for d in self._throttled.pop(endpoint, ())]
             self._parked_count -= len(held)
@@ -245,11 +257,10 @@ class Scheduler:
         return False
 
     def _hold_back(self, ids: list[str], endpoint: str) -> None:
-        """Back to the database without an attempt: due when the circuit may be probed, or
-        now for a disabled endpoint (the sweep then holds them)."""
-        until = self._gates.get(endpoint, math.inf)
-        due = (datetime.fromtimestamp(until, UTC) if math.isfinite(until)
-               else self._clock.now())
+        """Back to the database without an attempt, due when the gate lapses: when the
+        circuit may be probed, or (disabled endpoint) when the sweep will hold them."""
+        until = self._gates.get(endpoint)
+        due = datetime.fromtimestamp(until, UTC) if until is not None else self._clock.now()
         self.stats["held_back"] += len(ids)
         self._writer.give_back(ids, due_at=due)
 
@@ -261,11 +272,15 @@ class Scheduler:
             self._hold_back([delivery.id], endpoint)
             return
         queue = self._throttled.setdefault(endpoint, deque())
-        if len(queue) >= self.config.park_limit:
-            # More than a while's worth: the database keeps them, due when the rate allows.
-            limit = self.config.rate_of(delivery)
-            rate = limit.rate if limit is not None else 1.0
-            due = self._clock.now() + timedelta(seconds=len(queue) / rate)
+        limit = self.config.rate_of(delivery)
+        wait = len(queue) / (limit.rate if limit is not None else 1.0)
+        lease_left = (delivery.lease_until - self._clock.time()
+                      if delivery.lease_until is not None else float("inf"))
+        if len(queue) >= self.config.park_limit or wait >= lease_left - LEASE_MARGIN:
+            # More than a while's worth, or more than its lease would last: the database
+            # keeps it. Due back before its turn (half-way), so the queue never runs dry
+            # while the sweep brings it.
+            due = self._clock.now() + timedelta(seconds=wait / 2)
             self._writer.give_back([delivery.id], due_at=due)
             return
         queue.append(delivery)
@@ -282,7 +297,14 @@ class Scheduler:
                 queue = self._throttled.get(endpoint)
                 if not queue:
                     return
-                limit = self.config.rate_of(queue[0])
+                head = queue[0]
+                if head.lease_until is not None and self._clock.time() > head.lease_until:
+                    # Another worker may own it now: no token for it (the sweep decides).
+                    queue.popleft()
+                    self._parked_count -= 1
+                    self.stats["lease_lost"] += 1
+                    continue
+                limit = self.config.rate_of(head)
                 if limit is None:  # the endpoint's limit was lifted: admit without a token
                     wait = 0.0
                 else:
