@@ -114,7 +114,11 @@ class Settings(BaseSettings):
     )
     retry_jitter: float = Field(0.2, ge=0, lt=1, validation_alias=_env("WEBHOOKS_RETRY_JITTER"))
     max_retry_after: float = Field(86400.0, gt=0, validation_alias=_env("WEBHOOKS_MAX_RETRY_AFTER"))
-    sweep_interval: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_SWEEP_INTERVAL"))
+    # Beat's sweep is a safety net (the original setup's 5 minutes); each engine claims its
+    # due retries itself, at their time, waking at least every claim_interval.
+    sweep_interval: float = Field(300.0, gt=0, validation_alias=_env("WEBHOOKS_SWEEP_INTERVAL"))
+    claim_interval: float = Field(
+        2.0, ge=0, validation_alias=_env("WEBHOOKS_CLAIM_INTERVAL"))  # 0: beat's sweep only
     sweep_limit: int = Field(2000, ge=1, validation_alias=_env("WEBHOOKS_SWEEP_LIMIT"))
     retention_days: float = Field(90.0, gt=0, validation_alias=_env("WEBHOOKS_RETENTION_DAYS"))
     cleanup_chunk: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_CLEANUP_CHUNK"))

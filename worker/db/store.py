@@ -183,6 +183,18 @@ class Store(EndpointRecords, DeliveryHistory):
         await self._set_aside(dead, held, waiting, now)
         return ready, len(dead)
 
+    async def next_due(self, after: datetime) -> datetime | None:
+        """When the next pending delivery falls due after `after` (one index lookup)."""
+        try:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(
+                    select(deliveries.c.next_attempt_at)
+                    .where(deliveries.c.status == DeliveryStatus.PENDING.value,
+                           deliveries.c.next_attempt_at > after)
+                    .order_by(deliveries.c.next_attempt_at).limit(1))).scalar()
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"could not read the next due time: {exc}") from exc
+
     async def _win_probe(self, ep: Endpoint, now: datetime) -> bool:
         """Take the one probe of a circuit past its cool-down (compare-and-set on the row)."""
         assert ep.circuit_open_until is not None

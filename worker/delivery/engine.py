@@ -48,9 +48,11 @@ class Engine:
                                    self.writer, rand=rand, clock=clock, limiter=self.limiter)
         self.intake = Intake(IntakeConfig.from_settings(settings), self.store, self.scheduler,
                              clock=clock)
-        self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler)
+        self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler,
+                               clock=clock)
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
         self.writer.on_written(self._log_attempts)
+        self.writer.on_written(self._wake_for_retries)
         self.writer.on_health(_log_health)
         self.rescuer: Rescuer | None = None  # only where the broker is consumed
         self._clock = clock
@@ -61,6 +63,8 @@ class Engine:
         self.writer.start()
         self.scheduler.start()
         self.gatherer.start()
+        if self.settings.claim_interval > 0:
+            self.sweeper.start_claiming(self.settings.claim_interval)
         self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
         log.info("engine started (in-flight bound %d, database %s)", self.settings.max_in_flight,
                  self.db.url.render_as_string(hide_password=True))
@@ -72,6 +76,7 @@ class Engine:
         if self.rescuer is not None:
             await self.rescuer.close()
         await self.gatherer.close()
+        await self.sweeper.close()
         await self.scheduler.stop(self.settings.shutdown_grace)
         await self.writer.close()
         await self.sender.close()
@@ -86,6 +91,12 @@ class Engine:
             level = level_of(record)
             if attempts_log.isEnabledFor(level):
                 attempts_log.log(level, attempt_line(record, max_attempts))
+
+    def _wake_for_retries(self, records: Sequence[AttemptRecord]) -> None:
+        """Retries just scheduled here are claimed at their time, not at the next poll."""
+        due = [r.next_attempt_at for r in records if r.next_attempt_at is not None]
+        if due:
+            self.sweeper.due_at(min(due))
 
     def start_rescuer(self) -> None:
         """Rescue messages dead workers left unacknowledged (once per process)."""

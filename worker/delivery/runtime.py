@@ -32,6 +32,8 @@ START_TIMEOUT = 30.0
 ANSWER_MARGIN = 1.0
 # A background sweep may overrun its interval by this much before it counts as stuck.
 SWEEP_MARGIN = 30.0
+# The most time a background sweep is given (it ends early once nothing more is due).
+MAX_SWEEP_SECONDS = 60.0
 # The least time a background sweep is given.
 MIN_SWEEP_SECONDS = 0.1
 # Beyond the shutdown grace, how long stop waits for the engine thread.
@@ -180,7 +182,8 @@ class EngineRuntime:
         """Start a sweep on the engine loop unless one is running; returns whether it started."""
         if self._sweep is not None and not self._sweep.done():
             return False
-        seconds = max(self.settings.sweep_interval * 0.8, MIN_SWEEP_SECONDS)
+        seconds = min(max(self.settings.sweep_interval * 0.8, MIN_SWEEP_SECONDS),
+                      MAX_SWEEP_SECONDS)
         self._sweep = self.submit_threadsafe(lambda e: e.sweeper.sweep_for(seconds),
                                              seconds + SWEEP_MARGIN)
         self._sweep.add_done_callback(_log_sweep)
