@@ -147,6 +147,7 @@ class Delivery:
     event_type: str | None = None
     lease_until: float | None = None  # time.time() after which another worker may claim it
     policy: EndpointPolicy = DEFAULT_POLICY
+    enqueued_at: float | None = None  # unix time its row was committed (delivery latency)
 
 
 @dataclass(frozen=True, slots=True)

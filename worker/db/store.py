@@ -149,6 +149,7 @@ class Store(EndpointRecords, DeliveryHistory):
             .returning(
                 deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.payload,
                 deliveries.c.attempts, deliveries.c.event_type, deliveries.c.next_attempt_at,
+                deliveries.c.created_at,
             )
         )
         async with self.engine.begin() as conn:
@@ -179,6 +180,7 @@ class Store(EndpointRecords, DeliveryHistory):
                 id=row.id, endpoint_id=ep.id, url=ep.url, secrets=ep.signing_secrets(now),
                 payload=row.payload, attempts=row.attempts, event_type=row.event_type,
                 lease_until=lease_until.timestamp(), policy=ep.policy,
+                enqueued_at=row.created_at.timestamp(),
             ))
         await self._set_aside(dead, held, waiting, now)
         return ready, len(dead)

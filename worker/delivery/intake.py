@@ -119,7 +119,7 @@ class Intake:
                                         url=endpoint.url,
                                         secrets=endpoint.signing_secrets(now),
                                         payload=ev.payload, event_type=ev.event_type,
-                                        policy=endpoint.policy))
+                                        policy=endpoint.policy, enqueued_at=now.timestamp()))
             rows.append(row)
         report = await self._commit(rows, pending, rejections)
         report.duplicates += len(items) - len(unique)
