@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -262,3 +263,24 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(ValidationError):
         s.redis_host = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("given", "used"), [
+    ("postgresql://u:p@db.example:5432/hooks", "postgresql+asyncpg://u:p@db.example:5432/hooks"),
+    ("postgres://u@db/hooks", "postgresql+asyncpg://u@db/hooks"),
+    ("postgresql+asyncpg://u@db/hooks", "postgresql+asyncpg://u@db/hooks"),
+    ("sqlite:///./webhooks.db", "sqlite+aiosqlite:///./webhooks.db"),
+    ("sqlite+aiosqlite:////var/lib/w/webhooks.db", "sqlite+aiosqlite:////var/lib/w/webhooks.db"),
+])
+def test_plain_database_urls_get_the_async_driver(given: str, used: str) -> None:
+    assert Settings(database_url=given).database_url == used
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("postgresql+psycopg2://u@db/hooks", "postgresql+asyncpg://"),
+    ("mysql://u@db/hooks", "postgresql+asyncpg://"),
+    ("just-a-path.db", "must look like"),
+])
+def test_other_database_urls_are_one_clear_error(given: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        Settings(database_url=given)

@@ -71,14 +71,22 @@ def _stop_engine(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_keys(**_: Any) -> None:
-    """Refuse to start, in one line, without a key to unseal endpoint secrets with."""
+    """Refuse to start, in one line, without a key to unseal endpoint secrets with or on a
+    database that is not migrated; warn (once) and go on when the database is away."""
     import sys
 
     from worker.core.errors import KeyRingError
+    from worker.db.migrate import UNAVAILABLE, SchemaProblem, check_schema
     from worker.keys import load_keyring
 
     try:
         load_keyring(settings)
-    except KeyRingError as exc:
+        check_schema(settings.database_url)
+    except (KeyRingError, SchemaProblem) as exc:
         print(f"webhooks: error: {exc}", file=sys.stderr)
         raise SystemExit(78) from None  # EX_CONFIG: systemd does not restart into it
+    except (*UNAVAILABLE, TimeoutError) as exc:
+        # Not fatal: messages wait in the broker, and the engine writes once it answers.
+        print(f"webhooks: warning: database not reachable at start ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); starting anyway, "
+              "deliveries wait until it answers", file=sys.stderr)

@@ -132,6 +132,23 @@ class Settings(BaseSettings):
     # Set by systemd when stdout goes to the journal.
     journal_stream: str | None = Field(None, validation_alias=_env("JOURNAL_STREAM"))
 
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """Plain `postgresql://` and `sqlite://` URLs get the async driver this worker uses."""
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError(f"DATABASE_URL must look like postgresql+asyncpg://user@host/db or "
+                             f"sqlite+aiosqlite:///path, not {value!r}")
+        drivers = {"postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg",
+                   "sqlite": "sqlite+aiosqlite"}
+        if scheme in drivers:
+            return f"{drivers[scheme]}://{rest}"
+        if scheme not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+            raise ValueError(f"DATABASE_URL uses {scheme!r}; this worker runs on "
+                             "postgresql+asyncpg:// or sqlite+aiosqlite://")
+        return value
+
     @field_validator("allowed_networks", mode="before")
     @classmethod
     def _parse_networks(cls, value: object) -> object:
