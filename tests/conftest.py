@@ -1,19 +1,70 @@
-"""Shared fixtures: real PostgreSQL and SQLite databases, a real Redis for the broker."""
+"""Shared fixtures: real PostgreSQL and SQLite databases, a real Redis for the broker.
+
+What the tests touch: a redis-server of their own (started here, on a free port), PostgreSQL
+databases named `webhooks_test_*` / `webhooks_migr_*` that they create and drop, and temporary
+SQLite files. The fault tests (tests/reliability) start their own Redis and PostgreSQL too.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+
+def _own_redis() -> str:
+    """A redis-server of this test session's own, on a free port, stopped when it ends.
+
+    The tests empty its databases freely; nobody else's Redis (the shared one on 6379 included)
+    is ever flushed. Imported twice (as `conftest` and as `tests.conftest`), it starts once.
+    """
+    known = os.environ.get("WEBHOOKS_TEST_REDIS_URL")
+    if known:
+        return known
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="webhooks-test-redis-")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    atexit.register(stop)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"the tests' own redis-server did not start on port {port}")
+        time.sleep(0.05)
+    url = f"redis://127.0.0.1:{port}"
+    os.environ["WEBHOOKS_TEST_REDIS_URL"] = url
+    return url
+
+
 # The producer side of the tests imports the Celery app, which reads its settings once:
-# point it at a Redis database of its own before anything imports it.
-TEST_REDIS_DB = int(os.environ.get("WEBHOOKS_TEST_REDIS_DB", "15"))
-TEST_BROKER_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+# point it at the tests' own Redis before anything imports it.
+TEST_REDIS_URL = _own_redis()
+TEST_REDIS_DB = 0
+TEST_BROKER_URL = f"{TEST_REDIS_URL}/{TEST_REDIS_DB}"
 os.environ["CELERY_BROKER_URL"] = TEST_BROKER_URL
 os.environ.setdefault("WEBHOOKS_LOG_LEVEL", "WARNING")
 # Endpoint secrets are sealed; the tests (and the workers and CLIs they start) share one key.

@@ -64,7 +64,9 @@ def _start_worker(tmp_path, keys: bool = True, **env_overrides: str):  # type: i
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKS_")}
-    env.update(PYTHONPATH=str(root), CELERY_BROKER_URL="redis://127.0.0.1:6379/13",
+    from tests.conftest import TEST_BROKER_URL
+
+    env.update(PYTHONPATH=str(root), CELERY_BROKER_URL=TEST_BROKER_URL,
                **env_overrides)
     if keys:
         env["WEBHOOKS_SECRET_KEYS"] = os.environ["WEBHOOKS_SECRET_KEYS"]

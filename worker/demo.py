@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,6 +196,12 @@ def _report(settings: Settings, receiver: DemoReceiver, events: int, started: fl
 
 
 def run_demo(events: int = 200, keep: bool = False) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="webhooks-demo-"))
+    if "DATABASE_URL" not in os.environ:
+        # A database of the demo's own (with its key file beside it), unless told otherwise:
+        # nothing is left in ./webhooks.db.
+        os.environ["DATABASE_URL"] = f"sqlite+aiosqlite:///{workdir / 'demo.db'}"
+        get_settings.cache_clear()
     settings = get_settings()
     problem = _check_redis(settings)
     if problem:
@@ -211,7 +218,6 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
     _add_endpoints(settings, receiver, endpoints)
     print(f"2. receiver  http://127.0.0.1:{receiver.port}  endpoints "
           f"{', '.join(endpoints.values())} (the flaky one answers 503 first)")
-    workdir = Path(tempfile.mkdtemp(prefix="webhooks-demo-"))
     worker, log_path = _start_worker(workdir)
     try:
         started = _produce(endpoints, events)
@@ -235,7 +241,7 @@ def run_demo(events: int = 200, keep: bool = False) -> int:
         except subprocess.TimeoutExpired:
             worker.kill()
         loop.call_soon_threadsafe(loop.stop)
-        if not keep:
-            for path in workdir.iterdir():
-                path.unlink()
-            workdir.rmdir()
+        if keep:
+            print(f"kept: {workdir} (database, its key, the worker's log)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_REDIS_URL
+
 ROOT = Path(__file__).resolve().parents[2]
 MODE_FIELDS = {
     "mode", "label", "deliveries_per_s", "enqueue_rate", "p50_ms", "p95_ms", "p99_ms",
@@ -21,8 +23,9 @@ MODE_FIELDS = {
 
 
 def _redis_up() -> bool:
+    host, port = TEST_REDIS_URL.removeprefix("redis://").split(":")
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+        with socket.create_connection((host, int(port)), timeout=1):
             return True
     except OSError:
         return False
@@ -35,7 +38,7 @@ def _run(tmp_path: Path, modes: str) -> dict:  # type: ignore[type-arg]
         "--quick", "--events", "300", "--duration", "2", "--warmup", "50",
         "--producers", "1", "--workers", "1", "--no-half-rate",
         "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'webhooks_bench.db'}",
-        "--redis-url", "redis://127.0.0.1:6379/13", "--json", str(out),
+        "--redis-url", f"{TEST_REDIS_URL}/13", "--json", str(out),
     ]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -50,7 +53,7 @@ def test_quick_engine_and_single(tmp_path: Path) -> None:
     if importlib.util.find_spec("worker.delivery.standalone") is None:
         pytest.skip("worker.delivery.standalone is not there yet")
     if not _redis_up():
-        pytest.skip("needs Redis on 127.0.0.1:6379 (the single mode's broker)")
+        pytest.skip("needs the tests' own Redis (the single mode's broker)")
     data = _run(tmp_path, "engine,single")
     assert data["run"]["receiver_capacity"] > 0
     assert [m["label"] for m in data["modes"]] == ["engine", "single"]

@@ -1,6 +1,6 @@
 """Rate limits: LocalLimiter on a fake clock, RedisLimiter against real Redis servers.
 
-The shared Redis (127.0.0.1:6379) is used in DB 14 only, under a random key prefix per test,
+The tests' own Redis (tests/conftest.py) is used in DB 14 only, under a random key prefix per test,
 and only those keys are deleted. Outages are played on a redis-server of the test's own.
 """
 
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import pytest
 import redis
 
+from tests.conftest import TEST_REDIS_URL
 from worker.core import clock as core_clock
 from worker.core.errors import InvalidRateLimit
 from worker.delivery.ratelimit import (
@@ -35,7 +36,7 @@ from worker.delivery.ratelimit import (
     limiter_for,
 )
 
-SHARED_URL = "redis://127.0.0.1:6379/14"
+SHARED_URL = f"{TEST_REDIS_URL}/14"
 REPO = Path(__file__).resolve().parents[2]
 
 
