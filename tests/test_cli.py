@@ -1228,9 +1228,11 @@ def test_deliveries_replay(any_db: str, capsys: pytest.CaptureFixture[str]) -> N
     _assert_error(_run(capsys, "deliveries", "replay"))
     _assert_error(_run(capsys, "deliveries", "replay", "--endpoint", "ep-1"))
 
-    code, out, _ = _run(capsys, "deliveries", "replay", "--id", "f1", "--id", "s1")
-    assert code == 0
-    assert out.startswith("1 deliveries queued for replay")
+    # s1 succeeded: it cannot be replayed (resend it), so the exit status says so; f1 still is.
+    code, out, err = _run(capsys, "deliveries", "replay", "--id", "f1", "--id", "s1")
+    assert code == 2
+    assert "s1" in err and "resend" in err
+    assert _with_store(any_db, lambda s: s.delivery_statuses(["f1"]))["f1"][0] == "pending"
     code, out, _ = _run(capsys, "deliveries", "replay", "--failed", "--endpoint", "other")
     assert (code, out.split()[0]) == (0, "0")
     code, out, _ = _run(capsys, "deliveries", "replay", "--failed")
@@ -1251,7 +1253,7 @@ def test_deliveries_list_filters_by_status_and_endpoint(
     code, out, _ = _run(capsys, "deliveries", "list", "--endpoint", "nobody")
     assert (code, out.strip()) == (0, "no deliveries")
     code, out, _ = _run(capsys, "deliveries", "list", "--limit", "2")
-    assert code == 0 and len(out.splitlines()) == 2
+    assert code == 0 and len(out.splitlines()) == 3  # a header and two rows
 
 
 def test_a_malformed_setting_is_one_line(db: str, capsys: pytest.CaptureFixture[str],

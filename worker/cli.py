@@ -335,45 +335,17 @@ def cmd_keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_deliveries_stats(args: argparse.Namespace, settings: Settings) -> int:
-    counts = _with_store(settings, lambda store: store.status_counts())
-    if args.json:
-        _print_json(counts)
-    else:
-        for status in ("pending", "held", "succeeded", "failed", "rejected"):
-            print(f"{status:<10} {counts.get(status, 0)}")
-    return 0
-
-
-def cmd_deliveries_list(args: argparse.Namespace, settings: Settings) -> int:
-    found = _with_store(settings, lambda store: store.list_deliveries(
-        status=args.status, endpoint_id=args.endpoint, limit=args.limit))
-    if args.json:
-        _print_json([{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-                     for row in found])
-        return 0
-    for row in found:
-        error = f"  {row['last_error']}" if row["last_error"] else ""
-        print(f"{row['id']}  {row['status']:<9} {row['endpoint_id']}  attempts {row['attempts']}"
-              f"  {row['created_at']:%Y-%m-%d %H:%M:%S}{error}")
-    if not found:
-        print("no deliveries")
-    return 0
-
-
-def cmd_deliveries_replay(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.id and not args.failed:
-        raise WebhookError("name deliveries with --id, or pass --failed for every failed one")
-    count = _with_store(settings, lambda store: store.replay(
-        args.id or (), endpoint_id=args.endpoint, all_failed=args.failed))
-    print(f"{count} deliveries queued for replay (the retry sweep picks them up)")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.demo import run_demo
 
     return run_demo(events=args.events, keep=args.keep)
+
+
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.metrics import run_exporter
+
+    return run_exporter(settings, args.host or settings.metrics_host, args.port,
+                        process=not args.db_only, database=not args.no_db, once=args.once)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,22 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
     krot.add_argument("--json", action="store_true")
     krot.set_defaults(func=cmd_keys_rotate)
 
-    dl = sub.add_parser("deliveries", help="inspect and replay deliveries").add_subparsers(
-        dest="deliveries", required=True)
-    st = dl.add_parser("stats", help="deliveries by status")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_deliveries_stats)
-    li = dl.add_parser("list", help="the newest deliveries")
-    li.add_argument("--status", choices=["pending", "held", "succeeded", "failed", "rejected"])
-    li.add_argument("--endpoint")
-    li.add_argument("--limit", type=int, default=50)
-    li.add_argument("--json", action="store_true")
-    li.set_defaults(func=cmd_deliveries_list)
-    rp = dl.add_parser("replay", help="make failed deliveries pending again")
-    rp.add_argument("--id", action="append", default=[])
-    rp.add_argument("--failed", action="store_true", help="every failed delivery")
-    rp.add_argument("--endpoint", help="only this endpoint's")
-    rp.set_defaults(func=cmd_deliveries_replay)
+    met = sub.add_parser("metrics", help="serve Prometheus metrics: this host's worker processes "
+                         "(WEBHOOKS_METRICS_DIR) and the database's gauges")
+    met.add_argument("--port", type=int, default=9464, help="default 9464; 0: any free port")
+    met.add_argument("--host", help="address to listen on (default WEBHOOKS_METRICS_HOST)")
+    only = met.add_mutually_exclusive_group()
+    only.add_argument("--db-only", action="store_true",
+                      help="only the database gauges (the same from every host: serve them once)")
+    only.add_argument("--no-db", action="store_true", help="only this host's worker processes")
+    met.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    met.set_defaults(func=cmd_metrics)
+
+    from worker.cli_deliveries import add_deliveries_commands
+
+    add_deliveries_commands(sub)
 
     demo = sub.add_parser("demo", help="a real end-to-end run on the embedded defaults")
     demo.add_argument("--events", type=int, default=200)

@@ -620,11 +620,10 @@ async def test_replay(store: Store) -> None:
                {"id": "pend", "endpoint_id": "ep-a", "attempts": 1,
                 "next_attempt_at": _now() + timedelta(minutes=5)})
 
-    assert await store.replay() == 0
-    assert await store.replay([]) == 0
+    assert await store.replay_ids([]) == []
 
     before = _now()
-    assert await store.replay(["f1", "ok", "rej", "pend", "missing"]) == 1
+    assert await store.replay_ids(["f1", "ok", "rej", "pend", "missing"]) == ["f1"]
     rows = await _all(store)
     assert rows["f1"].status == "pending"
     assert rows["f1"].attempts == 0
@@ -634,21 +633,21 @@ async def test_replay(store: Store) -> None:
         "succeeded", "rejected", "pending")
     assert rows["pend"].attempts == 1
 
-    assert await store.replay(all_failed=True, endpoint_id="ep-b") == 2
+    assert await store.replay_failed(endpoint_id="ep-b") == 2
     rows = await _all(store)
     assert rows["f2"].status == "failed"
     assert rows["f3"].status == rows["f4"].status == "pending"
 
-    assert await store.replay(all_failed=True) == 1
+    assert await store.replay_failed() == 1
     assert (await _delivery(store, "f2")).status == "pending"
-    assert await store.replay(all_failed=True) == 0
+    assert await store.replay_failed() == 0
 
 
 async def test_replayed_delivery_is_claimable(store: Store) -> None:
     await store.add_endpoint(_ep("ep-a"))
     await _put(store, {"id": "f1", "status": "failed", "attempts": 4, "next_attempt_at": None})
     assert await store.claim_due(10, 60) == ([], 0)
-    assert await store.replay(["f1"]) == 1
+    assert await store.replay_ids(["f1"]) == ["f1"]
     ready, _ = await store.claim_due(10, 60)
     assert [(d.id, d.attempts) for d in ready] == [("f1", 0)]
 
