@@ -90,3 +90,24 @@ def _check_keys(**_: Any) -> None:
         print(f"webhooks: warning: database not reachable at start ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); starting anyway, "
               "deliveries wait until it answers", file=sys.stderr)
+
+
+@signals.worker_ready.connect
+def _start_metrics(**_: Any) -> None:
+    """The metrics directory every process counts into; /metrics if WEBHOOKS_METRICS_PORT."""
+    from worker.metrics import log as metrics_log
+    from worker.metrics import prepare_worker
+
+    try:
+        prepare_worker(settings)
+    except OSError as exc:  # deliveries matter more than their metrics: go on without
+        metrics_log.error("metrics unavailable: %s", exc)
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _archive_metrics(**_: Any) -> None:
+    # Runs after _stop_engine (connected first): this process's counts go to the archive.
+    from worker.metrics import process_exiting
+
+    process_exiting(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -131,6 +131,22 @@ class Settings(BaseSettings):
     stats_interval: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_STATS_INTERVAL"))
     # Set by systemd when stdout goes to the journal.
     journal_stream: str | None = Field(None, validation_alias=_env("JOURNAL_STREAM"))
+
+    # Metrics (see "Metrics" in the README). The directory makes every process of a host
+    # (Celery's main process and its prefork children) count into one place.
+    metrics_dir: str | None = Field(None, validation_alias=_env("WEBHOOKS_METRICS_DIR"))
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=_env("WEBHOOKS_METRICS_PORT"))
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("WEBHOOKS_METRICS_HOST"))
+    metrics_database: bool = Field(True, validation_alias=_env("WEBHOOKS_METRICS_DATABASE"))
+    metrics_endpoint_label: Literal["none", "id", "host"] = Field(
+        "none", validation_alias=_env("WEBHOOKS_METRICS_ENDPOINT_LABEL"))
+    metrics_endpoint_limit: int = Field(
+        50, ge=1, validation_alias=_env("WEBHOOKS_METRICS_ENDPOINT_LIMIT"))
+    metrics_db_timeout: float = Field(
+        5.0, gt=0, validation_alias=_env("WEBHOOKS_METRICS_DB_TIMEOUT"))
+    metrics_count_limit: int = Field(
+        100_000, ge=1, validation_alias=_env("WEBHOOKS_METRICS_COUNT_LIMIT"))
 
     @field_validator("database_url")
     @classmethod

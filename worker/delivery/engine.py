@@ -15,6 +15,7 @@ from worker.db.connection import create_engine
 from worker.db.store import open_store
 from worker.delivery.gatherer import GatherConfig, Gatherer
 from worker.delivery.intake import Intake, IntakeConfig
+from worker.delivery.metrics_hooks import EngineMetrics
 from worker.delivery.ratelimit import limiter_for
 from worker.delivery.rescuer import RescueConfig, Rescuer
 from worker.delivery.scheduler import Scheduler, SchedulerConfig
@@ -54,6 +55,7 @@ class Engine:
         self.writer.on_written(self._log_attempts)
         self.writer.on_written(self._wake_for_retries)
         self.writer.on_health(_log_health)
+        self.metrics = EngineMetrics(settings, self.writer, self.scheduler)
         self.rescuer: Rescuer | None = None  # only where the broker is consumed
         self._clock = clock
         self._stats_task: asyncio.Task[None] | None = None
@@ -63,6 +65,7 @@ class Engine:
         self.writer.start()
         self.scheduler.start()
         self.gatherer.start()
+        self.metrics.start()
         if self.settings.claim_interval > 0:
             self.sweeper.start_claiming(self.settings.claim_interval)
         self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
@@ -79,6 +82,7 @@ class Engine:
         await self.sweeper.close()
         await self.scheduler.stop(self.settings.shutdown_grace)
         await self.writer.close()
+        await self.metrics.stop()
         await self.sender.close()
         await self.limiter.close()
         await self.db.dispose()
