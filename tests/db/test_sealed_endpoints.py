@@ -16,6 +16,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
 import worker.db.endpoint_records as endpoint_records
+from tests.conftest import TEST_SECRET_KEYS
 from worker.core.errors import SealError
 from worker.core.models import Endpoint, EndpointPolicy
 from worker.core.sealing import KeyRing, generate_key, sealed_key_id
@@ -24,6 +25,9 @@ from worker.db.connection import create_engine
 from worker.db.schema import deliveries, endpoints
 from worker.db.store import Store
 from worker.settings import Settings
+
+# The id of the key the tests seal with (from WEBHOOKS_SECRET_KEYS: CI sets its own).
+KID = KeyRing.parse(TEST_SECRET_KEYS).sealing_key_id
 
 HEADER_VALUE = "Bearer sk_live_51HxQ2eKq9ZyT7wVb3mN8pR"
 
@@ -133,7 +137,7 @@ async def test_the_endpoints_table_holds_no_secret_in_any_encoding(store: Store)
     assert saved.policy.headers == (("Authorization", HEADER_VALUE),)
     rows = await _raw_rows(store)
     assert len(rows) == 1
-    assert rows[0]["credentials"].startswith("sealed1.test.")
+    assert rows[0]["credentials"].startswith(f"sealed1.{KID}.")
     _assert_nowhere(_row_text(rows[0]), needles)
 
 
@@ -170,7 +174,7 @@ async def test_the_sqlite_file_holds_no_secret_either(store: Store) -> None:
     assert database
     files = [Path(database + suffix) for suffix in ("", "-wal", "-journal", "-shm")]
     blob = b"".join(f.read_bytes() for f in files if f.exists())
-    assert b"sealed1.test." in blob  # the file was read, and holds the sealed token
+    assert f"sealed1.{KID}.".encode() in blob  # the file was read, and holds the sealed token
     _assert_nowhere(blob.decode("latin-1"), _needles(whsec, whsk, HEADER_VALUE))
 
 
@@ -261,26 +265,26 @@ async def test_a_ring_without_the_rows_key_names_the_key(store: Store) -> None:
     assert ep.secrets == () and ep.policy.headers == ()
     error = ep.policy.credential_error
     assert error is not None
-    assert "'test'" in error  # the key it needs
+    assert f"'{KID}'" in error  # the key it needs
     assert "a ring without the test key" in error and "other" in error  # where it looked
     assert secret not in error and HEADER_VALUE not in error
     # Reading with it changed nothing: the right ring still opens the row.
     assert (await store.get_endpoint("ep-a")).secrets == (secret,)
-    assert await blind.key_usage() == {"test": 1}
+    assert await blind.key_usage() == {KID: 1}
 
 
 async def test_a_ring_without_the_key_still_reads_rows_it_can_open(store: Store) -> None:
     other_item = generate_key("other")
     both = Store(store.engine, store.keys.with_key(other_item))
-    await store.add_endpoint(_ep("ep-test"))  # sealed under "test"
+    await store.add_endpoint(_ep("ep-test"))  # sealed under the tests' key
     mine = await both.add_endpoint(_ep("ep-other"))  # sealed under "other"
     only_other = Store(store.engine, KeyRing.parse(other_item))
     found = await only_other.endpoints_by_id(["ep-test", "ep-other"])
     assert found["ep-other"].secrets == mine.secrets
     assert found["ep-other"].policy.credential_error is None
     assert found["ep-test"].secrets == ()
-    assert "'test'" in (found["ep-test"].policy.credential_error or "")
-    assert await store.key_usage() == {"test": 1, "other": 1}
+    assert f"'{KID}'" in (found["ep-test"].policy.credential_error or "")
+    assert await store.key_usage() == {KID: 1, "other": 1}
 
 
 # -- re-sealing under a new key -------------------------------------------------------------
@@ -329,7 +333,7 @@ async def test_reseal_moves_every_row_to_the_new_first_key_in_chunks(store: Stor
     counting = _CountingEngine(store.engine)
     resealer = Store(counting, store.keys.with_key(new_item))  # type: ignore[arg-type]
 
-    assert await resealer.key_usage() == {"test": 5}
+    assert await resealer.key_usage() == {KID: 5}
     assert await resealer.reseal(chunk=2) == 5
     assert counting.connected >= 3 and counting.begun == 5  # 3 chunk reads, a write per row
     assert await resealer.key_usage() == {"new": 5}
@@ -366,7 +370,7 @@ async def test_reseal_skips_rows_already_under_the_new_key(store: Store) -> None
     for n in (2, 4):
         await resealer.add_endpoint(_ep(f"ep-{n}"))
     untouched = {i: await _token(store, i) for i in ("ep-2", "ep-4")}
-    assert await resealer.key_usage() == {"test": 3, "new": 2}
+    assert await resealer.key_usage() == {KID: 3, "new": 2}
     assert await resealer.reseal(chunk=2) == 3
     assert await resealer.key_usage() == {"new": 5}
     assert {i: await _token(store, i) for i in untouched} == untouched
@@ -393,8 +397,8 @@ async def test_reseal_leaves_a_row_that_does_not_open_and_does_all_the_others(
     resealer = Store(store.engine, store.keys.with_key(generate_key("new")))
     with pytest.raises(SealError, match="4 endpoints re-sealed; 1 could not be opened"):
         await resealer.reseal(chunk=2)
-    assert await resealer.key_usage() == {"new": 4, "test": 1}
-    assert sealed_key_id(await _token(store, "ep-4")) == "test"
+    assert await resealer.key_usage() == {"new": 4, KID: 1}
+    assert sealed_key_id(await _token(store, "ep-4")) == KID
     for n in (1, 2, 3, 5):
         assert (await resealer.get_endpoint(f"ep-{n}")).policy.credential_error is None
 

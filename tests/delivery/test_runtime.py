@@ -70,6 +70,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "retry_jitter": 0.0,
         # tune_gc freezes every object of the process: not in the test process.
         "gc_threshold": 0,
+        # These tests drive claims through the door (start_sweep_threadsafe); the engine's
+        # own claim loop would race them for the rows (tests/delivery/test_sweeper.py has it).
+        "claim_interval": 0,
     }
     values.update(overrides)
     return Settings(**values)
