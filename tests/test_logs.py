@@ -37,3 +37,43 @@ def test_terminal_lines_have_a_timestamp_and_respect_the_level(
     logging.getLogger("webhooks.test").warning("shown")
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0][:2] == "20" and "WARNING webhooks.test" in out[0]
+
+
+def test_json_lines_carry_the_attempt_fields_as_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    logs.configure("INFO", fmt="json")
+    logging.getLogger("webhooks.attempts").warning(
+        "attempt", extra={"fields": {"delivery": "msg_1", "attempt": "1/4", "status": 500,
+                                     "duration_ms": "12.5", "odd": object.__name__}})
+    logging.getLogger("webhooks.test").info("plain %s", "message")
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["level"] == "WARNING" and first["logger"] == "webhooks.attempts"
+    assert (first["delivery"], first["attempt"], first["status"]) == ("msg_1", "1/4", 500)
+    assert first["msg"] == "attempt" and "ts" in first and isinstance(first["pid"], int)
+    assert second["msg"] == "plain message" and "delivery" not in second
+
+
+def test_json_under_journald_has_the_priority_prefix_and_no_timestamp(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    logs.configure("INFO", journal=True, fmt="json")
+    logging.getLogger("webhooks.test").error("boom")
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("<3>{")
+    parsed = json.loads(line[3:])
+    assert parsed["level"] == "ERROR" and "ts" not in parsed
+
+
+def test_json_keeps_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    logs.configure("INFO", fmt="json")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        logging.getLogger("webhooks.test").exception("failed")
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "ValueError: bad" in json.loads(line)["traceback"]

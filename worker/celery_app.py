@@ -57,7 +57,8 @@ app.conf.update(
 
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
-    logs.configure(settings.log_level, journal=settings.journal_stream is not None)
+    logs.configure(settings.log_level, journal=settings.journal_stream is not None,
+                   fmt=settings.log_format)
 
 
 @signals.worker_process_shutdown.connect

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
 
     gc_threshold: int = Field(50_000, ge=0, validation_alias=_env("WEBHOOKS_GC_THRESHOLD"))
     log_level: str = Field("INFO", validation_alias=_env("WEBHOOKS_LOG_LEVEL"))
+    log_format: Literal["logfmt", "json"] = Field(
+        "logfmt", validation_alias=_env("WEBHOOKS_LOG_FORMAT"))
+    # The level of a successful attempt's line: INFO, or DEBUG to keep only trouble at INFO.
+    success_log_level: Literal["INFO", "DEBUG"] = Field(
+        "INFO", validation_alias=_env("WEBHOOKS_SUCCESS_LOG_LEVEL"))
     stats_interval: float = Field(60.0, gt=0, validation_alias=_env("WEBHOOKS_STATS_INTERVAL"))
     # Set by systemd when stdout goes to the journal.
     journal_stream: str | None = Field(None, validation_alias=_env("JOURNAL_STREAM"))

@@ -39,6 +39,12 @@ def logfmt_value(value: object) -> str:
 
 def attempt_line(record: AttemptRecord, max_attempts: int) -> str:
     """`attempt delivery=… endpoint=… attempt=n/of outcome=… …` for one finished attempt."""
+    return "attempt " + " ".join(f"{key}={logfmt_value(value)}"
+                                 for key, value in attempt_fields(record, max_attempts))
+
+
+def attempt_fields(record: AttemptRecord, max_attempts: int) -> list[tuple[str, object]]:
+    """What one attempt's log line says, in order (for logfmt or JSON)."""
     fields: list[tuple[str, object]] = [
         ("delivery", record.delivery.id),
         ("endpoint", record.delivery.endpoint_id),
@@ -58,4 +64,4 @@ def attempt_line(record: AttemptRecord, max_attempts: int) -> str:
         fields.append(("error_kind", record.outcome.error_kind.value))
     if record.outcome.error:
         fields.append(("error", record.outcome.error[:ERROR_TEXT_LIMIT]))
-    return "attempt " + " ".join(f"{key}={logfmt_value(value)}" for key, value in fields)
+    return fields

@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 
-from worker.core.attempt_log import attempt_line, level_of
+from worker.core.attempt_log import attempt_fields, attempt_line, level_of
 from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.core.health import HealthChange, HealthEvent
 from worker.core.models import AttemptRecord
@@ -91,9 +91,18 @@ class Engine:
     def _log_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """One line per attempt once it is recorded; the level says how it went."""
         max_attempts = 1 + len(self.settings.retry_schedule)
+        structured = self.settings.log_format == "json"
+        success_level = logging.getLevelName(self.settings.success_log_level)
         for record in records:
             level = level_of(record)
-            if attempts_log.isEnabledFor(level):
+            if level == logging.INFO:
+                level = success_level
+            if not attempts_log.isEnabledFor(level):
+                continue
+            if structured:
+                fields = dict(attempt_fields(record, max_attempts))
+                attempts_log.log(level, "attempt", extra={"fields": fields})
+            else:
                 attempts_log.log(level, attempt_line(record, max_attempts))
 
     def _wake_for_retries(self, records: Sequence[AttemptRecord]) -> None:
