@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     )
 
     gc_threshold: int = Field(50_000, ge=0, validation_alias=_env("WEBHOOKS_GC_THRESHOLD"))
+    # Operator events go to this endpoint, as ordinary signed deliveries (none when unset).
+    operator_endpoint: str | None = Field(
+        None, validation_alias=_env("WEBHOOKS_OPERATOR_ENDPOINT"))
+    backlog_alert_seconds: float = Field(
+        300.0, gt=0, validation_alias=_env("WEBHOOKS_BACKLOG_ALERT_SECONDS"))
     log_level: str = Field("INFO", validation_alias=_env("WEBHOOKS_LOG_LEVEL"))
     log_format: Literal["logfmt", "json"] = Field(
         "logfmt", validation_alias=_env("WEBHOOKS_LOG_FORMAT"))

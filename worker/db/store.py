@@ -197,6 +197,20 @@ class Store(EndpointRecords, DeliveryHistory):
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not read the next due time: {exc}") from exc
 
+    async def oldest_due(self, now: datetime) -> datetime | None:
+        """When the longest-waiting due, unleased pending delivery fell due (index lookup)."""
+        try:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(
+                    select(deliveries.c.next_attempt_at)
+                    .where(deliveries.c.status == DeliveryStatus.PENDING.value,
+                           deliveries.c.next_attempt_at <= now,
+                           or_(deliveries.c.locked_until.is_(None),
+                               deliveries.c.locked_until < now))
+                    .order_by(deliveries.c.next_attempt_at).limit(1))).scalar()
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"could not read the oldest due time: {exc}") from exc
+
     async def _win_probe(self, ep: Endpoint, now: datetime) -> bool:
         """Take the one probe of a circuit past its cool-down (compare-and-set on the row)."""
         assert ep.circuit_open_until is not None

@@ -16,6 +16,7 @@ from worker.db.store import open_store
 from worker.delivery.gatherer import GatherConfig, Gatherer
 from worker.delivery.intake import Intake, IntakeConfig
 from worker.delivery.metrics_hooks import EngineMetrics
+from worker.delivery.operator import OperatorConfig, OperatorEvents
 from worker.delivery.ratelimit import limiter_for
 from worker.delivery.rescuer import RescueConfig, Rescuer
 from worker.delivery.scheduler import Scheduler, SchedulerConfig
@@ -54,6 +55,12 @@ class Engine:
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
         self.writer.on_written(self._log_attempts)
         self.writer.on_written(self._wake_for_retries)
+        operator = OperatorConfig.from_settings(settings)
+        self.operator = (None if operator is None else
+                         OperatorEvents(operator, self.intake.accept, self.store, clock=clock))
+        if self.operator is not None:
+            self.writer.on_health(self.operator.on_health)
+            self.writer.on_written(self.operator.on_written)
         self.writer.on_health(_log_health)
         self.metrics = EngineMetrics(settings, self.writer, self.scheduler)
         self.rescuer: Rescuer | None = None  # only where the broker is consumed
@@ -68,6 +75,8 @@ class Engine:
         self.metrics.start()
         if self.settings.claim_interval > 0:
             self.sweeper.start_claiming(self.settings.claim_interval)
+        if self.operator is not None:
+            self.operator.start()
         self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
         log.info("engine started (in-flight bound %d, database %s)", self.settings.max_in_flight,
                  self.db.url.render_as_string(hide_password=True))
@@ -80,6 +89,8 @@ class Engine:
             await self.rescuer.close()
         await self.gatherer.close()
         await self.sweeper.close()
+        if self.operator is not None:
+            await self.operator.close()
         await self.scheduler.stop(self.settings.shutdown_grace)
         await self.writer.close()
         await self.metrics.stop()
