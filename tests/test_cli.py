@@ -1261,3 +1261,65 @@ def test_a_malformed_setting_is_one_line(db: str, capsys: pytest.CaptureFixture[
     _set_env(monkeypatch, "WEBHOOKS_ALLOWED_NETWORKS", "not-a-network")
     line = _assert_error(_run(capsys, "endpoints", "list"))
     assert "WEBHOOKS_ALLOWED_NETWORKS" in line
+
+
+# -- endpoints test: one signed test event, now --------------------------------------------------
+
+
+@pytest.fixture
+def test_receiver() -> Iterator[dict[str, Any]]:
+    """A real HTTP server on 127.0.0.1 in a thread: /ok answers 200, /bad 500."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    state: dict[str, Any] = {"seen": []}
+    started = threading.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        state["seen"].append((request.path, dict(request.headers), await request.read()))
+        return web.Response(status=200 if request.path == "/ok" else 500, text="ack")
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handle)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        state["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    yield state
+    state["loop"].call_soon_threadsafe(state["loop"].stop)
+    thread.join(10)
+
+
+def test_endpoints_test_sends_one_signed_event_and_shows_the_attempt(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        test_receiver: dict[str, Any]) -> None:
+    from standardwebhooks import Webhook
+
+    _set_env(monkeypatch, "WEBHOOKS_ALLOWED_NETWORKS", "127.0.0.0/8")
+    port = test_receiver["port"]
+    ok = _add(capsys, "--url", f"http://127.0.0.1:{port}/ok", "--id", "ep-ok")
+    _add(capsys, "--url", f"http://127.0.0.1:{port}/bad", "--id", "ep-bad")
+    code, out, _ = _run(capsys, "endpoints", "test", "ep-ok")
+    assert code == 0 and "success (HTTP 200" in out and "response  ack" in out
+    path, headers, body = test_receiver["seen"][-1]
+    secret = ok["secrets"][0]["secret"]
+    assert Webhook(secret).verify(body, headers)["type"] == "webhook.test"
+
+    code, out, _ = _run(capsys, "endpoints", "test", "ep-bad", "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert (report["outcome"], report["status"], report["error"]) == ("retry", 500, "HTTP 500")
+    _assert_error(_run(capsys, "endpoints", "test", "nope"))

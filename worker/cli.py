@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.core.errors import InvalidEndpoint, WebhookError
 from worker.core.ids import new_id
-from worker.core.models import Endpoint, EndpointPolicy
+from worker.core.models import Endpoint, EndpointPolicy, HttpResult, OutcomeKind
 from worker.core.netpolicy import refusal_for_url
 from worker.core.sealing import generate_key
 from worker.core.signing import (
@@ -262,6 +262,47 @@ def cmd_endpoints_update(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_endpoints_test(args: argparse.Namespace, settings: Settings) -> int:
+    """Send one signed `webhook.test` event now, from here, and show how it went."""
+    from worker.core.ids import new_id
+    from worker.core.models import Delivery
+    from worker.core.outcome import classify
+    from worker.delivery.sender import Sender, SenderConfig
+
+    async def run() -> tuple[Delivery, HttpResult]:
+        engine = create_engine(settings)
+        try:
+            ep = await open_store(engine, settings).get_endpoint(args.id)
+        finally:
+            await engine.dispose()
+        now = datetime.now(UTC)
+        body = orjson.dumps({"type": "webhook.test", "timestamp": now.isoformat(),
+                             "data": {"endpoint": ep.id, "message": args.message}})
+        delivery = Delivery(id=new_id("msg"), endpoint_id=ep.id, url=ep.url,
+                            secrets=ep.signing_secrets(now), payload=body,
+                            event_type="webhook.test", policy=ep.policy)
+        async with Sender(SenderConfig.from_settings(settings)) as sender:
+            return delivery, await sender.send(delivery)
+
+    delivery, result = asyncio.run(run())
+    outcome = classify(result)
+    report = {"endpoint": args.id, "webhook_id": delivery.id, "outcome": outcome.kind.value,
+              "status": result.status_code, "duration_ms": round(result.duration_ms, 1),
+              "error_kind": outcome.error_kind.value if outcome.error_kind else None,
+              "error": outcome.error, "response_excerpt": result.response_excerpt}
+    if args.json:
+        _print_json(report)
+    else:
+        status = result.status_code if result.status_code is not None else "-"
+        print(f"test event {delivery.id} to {args.id}: {outcome.kind.value} (HTTP {status}, "
+              f"{result.duration_ms:.0f} ms)")
+        if outcome.error:
+            print(f"  error     {outcome.error}")
+        if result.response_excerpt:
+            print(f"  response  {result.response_excerpt[:500]}")
+    return 0 if outcome.kind is OutcomeKind.SUCCESS else 1
+
+
 def cmd_endpoints_delete(args: argparse.Namespace, settings: Settings) -> int:
     _with_store(settings, lambda store: store.delete_endpoint(args.id))
     if args.json:
@@ -392,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--verify-tls", action="store_true", help="verify certificates again")
     upd.add_argument("--json", action="store_true")
     upd.set_defaults(func=cmd_endpoints_update)
+    tst = eps.add_parser("test", help="send one signed test event now and show the attempt")
+    tst.add_argument("id")
+    tst.add_argument("--message", default="a test event from `webhooks endpoints test`")
+    tst.add_argument("--json", action="store_true")
+    tst.set_defaults(func=cmd_endpoints_test)
     dele = eps.add_parser("delete", help="remove an endpoint (its history stays)")
     dele.add_argument("id")
     dele.add_argument("--json", action="store_true")
