@@ -1315,6 +1315,7 @@ def test_endpoints_test_sends_one_signed_event_and_shows_the_attempt(
     code, out, _ = _run(capsys, "endpoints", "test", "ep-ok")
     assert code == 0 and "success (HTTP 200" in out and "response  ack" in out
     path, headers, body = test_receiver["seen"][-1]
+    assert path == "/ok"
     secret = ok["secrets"][0]["secret"]
     assert Webhook(secret).verify(body, headers)["type"] == "webhook.test"
 
