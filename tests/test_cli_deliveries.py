@@ -288,13 +288,13 @@ def test_show_every_attempt(cli_db: str, capsys: pytest.CaptureFixture[str]) -> 
     assert "webhooks deliveries replay --id d1" in out
     assert '  {\n    "order": 7,\n    "items": [\n      1,\n      2\n    ]\n  }\n' in out
     table = out[out.index("\nattempts\n") + len("\nattempts\n"):].splitlines()
-    assert table[0].split() == ["#", "TRY", "TIME", "(UTC)", "CODE", "OUTCOME", "KIND", "MS",
+    assert table[0].split() == ["#", "TIME", "(UTC)", "CODE", "OUTCOME", "KIND", "MS",
                                 "ERROR"]
     first, second, excerpt = table[1].split(), table[2].split(), table[3].strip()
-    assert first[:2] == ["1", "1"] and first[4:] == ["-", "retry", "timeout", "10000", "read",
-                                                      "timed", "out"]
-    assert second[:2] == ["2", "2"] and second[4:] == ["500", "failed", "http_status", "41",
-                                                       "HTTP", "500"]
+    assert first[0] == "1" and first[3:] == ["-", "retry", "timeout", "10000", "read",
+                                             "timed", "out"]
+    assert second[0] == "2" and second[3:] == ["500", "failed", "http_status", "41",
+                                               "HTTP", "500"]
     assert excerpt == 'response: {"error": "boom"}'
 
 
@@ -310,7 +310,7 @@ def test_show_json(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert list(json.loads(delivery["payload"])) == ["b", "a"]  # as sent, not re-sorted
     assert (delivery["payload_bytes"], delivery["payload_truncated"]) == (len(payload), False)
     [attempt] = shown["attempts"]
-    assert attempt == {"number": 1, "retry_number": 1, "attempted_at": attempt["attempted_at"],
+    assert attempt == {"number": 1, "attempted_at": attempt["attempted_at"],
                        "status_code": 200, "outcome": "success", "error_kind": None,
                        "duration_ms": 12.0, "error": None, "response_excerpt": "ok"}
     assert shown["attempts_left_out"] == 0
@@ -371,22 +371,20 @@ def test_replay_continues_numbering_and_restarts_the_budget(
     assert row["next_attempt_at"] <= datetime.now(UTC)
     # The retry budget starts again: the first attempt after the replay is retried, not
     # failed on the spot; the whole schedule is there once more.
-    assert _attempt(cli_db, {"d1": HTTP_500}) == {"d1": (1, "pending")}
-    assert _attempt(cli_db, {"d1": HTTP_500}) == {"d1": (2, "failed")}
+    assert _attempt(cli_db, {"d1": HTTP_500}) == {"d1": (3, "pending")}
+    assert _attempt(cli_db, {"d1": HTTP_500}) == {"d1": (4, "failed")}
 
-    # Shown, the attempts are numbered on across the replay.
+    # Shown and stored, the attempts are numbered on across the replay.
     shown = _json(capsys, "deliveries", "show", "d1")
     assert [a["number"] for a in shown["attempts"]] == [1, 2, 3, 4]
-    assert [a["retry_number"] for a in shown["attempts"]] == [1, 2, 1, 2]
     assert (shown["delivery"]["attempts"], shown["delivery"]["retry_attempts"]) == (4, 2)
-    # Stored, each attempt's number is its place in its retry budget: the worker derives the
-    # budget from `deliveries.attempts`, and a schema change would be needed to store both.
-    assert _attempt_numbers(cli_db, "d1") == [1, 2, 1, 2]
+    assert _attempt_numbers(cli_db, "d1") == [1, 2, 3, 4]
     [listed] = _json(capsys, "deliveries", "list")
     assert listed["attempts"] == 4
     code, out, _ = _run(capsys, "deliveries", "show", "d1")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert [line.split()[:2] for line in out.splitlines()
-            if re.match(r"  \d", line)] == [["1", "1"], ["2", "2"], ["3", "1"], ["4", "2"]]
+            if re.match(r"  \d", line)] == [[str(n), today] for n in (1, 2, 3, 4)]
 
 
 def test_replay_reports_every_id_it_could_not_replay(
@@ -414,7 +412,7 @@ def test_replay_reports_every_id_it_could_not_replay(
     assert {i: r["status"] for i, r in rows.items()} == {
         "f1": "pending", "f2": "failed", "s1": "succeeded", "r1": "rejected", "h1": "held",
         "p1": "pending"}
-    assert rows["f1"]["attempts"] == 0  # the retry budget (see the test above)
+    assert (rows["f1"]["attempts"], rows["f1"]["retry_base"]) == (4, 4)  # a fresh budget
 
     code, out, err = _run(capsys, "deliveries", "replay", "--id", "f2", "--id", "r1", "--json")
     assert code == 2

@@ -129,11 +129,12 @@ def _limit(text: str) -> int:
 
 def _delivery_json(row: dict[str, Any]) -> dict[str, Any]:
     """A delivery for output. `attempts` counts every attempt made, across replays;
-    `retry_attempts` those counted against the current retry budget (a replay resets it)."""
+    `retry_attempts` those counted against the current retry budget (since the last replay)."""
     return {
         "id": row["id"], "status": row["status"], "endpoint_id": row["endpoint_id"],
         "event_type": row["event_type"], "idempotency_key": row["idempotency_key"],
-        "attempts": row["attempts_total"], "retry_attempts": row["attempts"],
+        "attempts": row["attempts_total"],
+        "retry_attempts": row["attempts"] - row.get("retry_base", 0),
         "next_attempt_at": _iso(row["next_attempt_at"]),
         "last_status_code": row["last_status_code"], "last_error": row["last_error"],
         "last_outcome": row["last_outcome"],
@@ -143,7 +144,7 @@ def _delivery_json(row: dict[str, Any]) -> dict[str, Any]:
 
 def _attempt_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "number": row["number"], "retry_number": row["attempt_number"],
+        "number": row["number"],
         "attempted_at": _iso(row["attempted_at"]), "status_code": row["status_code"],
         "outcome": row["outcome"], "error_kind": row["error_kind"],
         "duration_ms": row["duration_ms"], "error": row["error"],
@@ -243,8 +244,8 @@ def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
     outcome = (f" (last attempt: {row['last_outcome']})"
                if row["last_outcome"] in (OutcomeKind.BLOCKED.value, OutcomeKind.DISABLE.value)
                else "")
-    budget = (f"; {row['attempts']} since the last replay"
-              if row["attempts"] != row["attempts_total"] else "")
+    since = row["attempts"] - row.get("retry_base", 0)
+    budget = f"; {since} since the last replay" if row.get("retry_base") else ""
     code, error = row["last_status_code"], _clip(row["last_error"], 500)
     last = "; ".join(part for part in (
         f"HTTP {code}" if code and not error.startswith(f"HTTP {code}") else "", error) if part)
@@ -271,8 +272,8 @@ def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
         print("attempts     none yet")
         return 0
     print("attempts" + (f" (the newest {len(tried)} of {total})" if total > len(tried) else ""))
-    table = _table(["#", "TRY", "TIME (UTC)", "CODE", "OUTCOME", "KIND", "MS", "ERROR"], [
-        [str(a["number"]), str(a["attempt_number"]), _when(a["attempted_at"]),
+    table = _table(["#", "TIME (UTC)", "CODE", "OUTCOME", "KIND", "MS", "ERROR"], [
+        [str(a["number"]), _when(a["attempted_at"]),
          str(a["status_code"] or "-"), a["outcome"], a["error_kind"] or "-",
          f"{a['duration_ms']:.0f}", _clip(a["error"], ERROR_WIDTH)] for a in tried])
     print(f"  {table[0]}")

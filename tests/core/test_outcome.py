@@ -300,3 +300,23 @@ def test_decide_keeps_the_delivery_result_and_attempted_at() -> None:
     assert record.delivery == _delivery(1)
     assert record.result is result
     assert record.attempted_at == NOW
+
+
+def test_after_a_replay_the_budget_counts_from_retry_base_and_numbers_run_on() -> None:
+    """Attempt 5 of a delivery replayed after 4 is the first of a fresh budget: retried, and
+    numbered 5; the budget runs out at the same point as for a new delivery."""
+    from dataclasses import replace as _replace
+    from datetime import UTC, datetime
+
+    from worker.core.models import Delivery, HttpResult
+
+    delivery = Delivery(id="msg_r", endpoint_id="ep", url="https://x.example/", secrets=(),
+                        payload=b"{}", attempts=4, retry_base=4)
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    kw = {"attempted_at": now, "schedule": (1.0,), "jitter": 0.0, "rand": 0.5,
+          "max_retry_after": 60.0}
+    first = decide(delivery, HttpResult(status_code=500), **kw)  # type: ignore[arg-type]
+    assert (first.attempt_number, first.next_status.value) == (5, "pending")
+    second = decide(_replace(delivery, attempts=5), HttpResult(status_code=500),
+                    **kw)  # type: ignore[arg-type]
+    assert (second.attempt_number, second.next_status.value) == (6, "failed")

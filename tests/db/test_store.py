@@ -626,7 +626,7 @@ async def test_replay(store: Store) -> None:
     assert await store.replay_ids(["f1", "ok", "rej", "pend", "missing"]) == ["f1"]
     rows = await _all(store)
     assert rows["f1"].status == "pending"
-    assert rows["f1"].attempts == 0
+    assert (rows["f1"].attempts, rows["f1"].retry_base) == (4, 4)  # numbers run on
     assert rows["f1"].locked_until is None
     assert _close(rows["f1"].next_attempt_at, before)
     assert (rows["ok"].status, rows["rej"].status, rows["pend"].status) == (
@@ -649,7 +649,7 @@ async def test_replayed_delivery_is_claimable(store: Store) -> None:
     assert await store.claim_due(10, 60) == ([], 0)
     assert await store.replay_ids(["f1"]) == ["f1"]
     ready, _ = await store.claim_due(10, 60)
-    assert [(d.id, d.attempts) for d in ready] == [("f1", 0)]
+    assert [(d.id, d.attempts, d.retry_base) for d in ready] == [("f1", 4, 4)]
 
 
 async def test_status_counts(store: Store) -> None:

@@ -144,6 +144,7 @@ class Delivery:
     secrets: tuple[str, ...]
     payload: bytes
     attempts: int = 0  # attempts already made before this one
+    retry_base: int = 0  # attempts made before its last replay: the retry budget starts here
     event_type: str | None = None
     lease_until: float | None = None  # time.time() after which another worker may claim it
     policy: EndpointPolicy = DEFAULT_POLICY

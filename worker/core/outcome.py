@@ -65,7 +65,7 @@ def decide(
     if outcome.kind is OutcomeKind.SUCCESS:
         status = DeliveryStatus.SUCCEEDED
     elif outcome.kind is OutcomeKind.RETRY:
-        delay = next_delay(schedule, number, jitter=jitter, rand=rand,
+        delay = next_delay(schedule, number - delivery.retry_base, jitter=jitter, rand=rand,
                            retry_after=outcome.retry_after_seconds,
                            max_retry_after=max_retry_after)
         if delay is None:

@@ -80,11 +80,10 @@ class DeliveryHistory:
 
     @staticmethod
     def _replay_values(now: datetime) -> dict[str, Any]:
-        # `attempts` is the retry budget the worker counts against (worker.core.outcome.decide):
-        # it starts again at 0. The attempts table keeps every earlier attempt; `show` numbers
-        # them across replays.
-        return {"status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
-                "locked_until": None, "updated_at": now}
+        # A fresh retry budget, counted from `retry_base` (worker.core.outcome.decide); attempt
+        # numbers run on from `attempts`.
+        return {"status": DeliveryStatus.PENDING.value, "retry_base": deliveries.c.attempts,
+                "next_attempt_at": now, "locked_until": None, "updated_at": now}
 
     async def replay_ids(self, ids: Sequence[str]) -> list[str]:
         """Make the failed ones of `ids` pending again, due now, with a fresh retry budget.
@@ -227,8 +226,8 @@ class DeliveryHistory:
         """The newest `limit` attempts of a delivery, oldest first, and how many it has.
 
         Each carries `number`: its place among all the delivery's attempts, which goes on
-        across replays (`attempt_number` is its place in its retry budget, and starts again
-        at 1 after a replay).
+        across replays (as the stored `attempt_number` does; counted here so two rows of one
+        attempt, written by a worker whose lease ran out, still read in order).
         """
         query = (select(*(c for c in attempts.c if c.name != "delivery_id"),
                         func.count().over().label("total"))

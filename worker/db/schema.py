@@ -84,6 +84,9 @@ deliveries = Table(
     Column("payload", LargeBinary),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
+    # Attempts made before the last replay: the retry budget counts from here, while attempt
+    # numbers run on across replays.
+    Column("retry_base", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTCDateTime),
     Column("locked_until", UTCDateTime),
     Column("last_status_code", Integer),

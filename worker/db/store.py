@@ -149,7 +149,7 @@ class Store(EndpointRecords, DeliveryHistory):
             .returning(
                 deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.payload,
                 deliveries.c.attempts, deliveries.c.event_type, deliveries.c.next_attempt_at,
-                deliveries.c.created_at,
+                deliveries.c.created_at, deliveries.c.retry_base,
             )
         )
         async with self.engine.begin() as conn:
@@ -179,7 +179,8 @@ class Store(EndpointRecords, DeliveryHistory):
             ready.append(Delivery(
                 id=row.id, endpoint_id=ep.id, url=ep.url, secrets=ep.signing_secrets(now),
                 payload=row.payload, attempts=row.attempts, event_type=row.event_type,
-                lease_until=lease_until.timestamp(), policy=ep.policy,
+                retry_base=row.retry_base, lease_until=lease_until.timestamp(),
+                policy=ep.policy,
                 enqueued_at=row.created_at.timestamp(),
             ))
         await self._set_aside(dead, held, waiting, now)

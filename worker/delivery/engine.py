@@ -110,11 +110,12 @@ class Engine:
                 level = success_level
             if not attempts_log.isEnabledFor(level):
                 continue
+            of = max_attempts + record.delivery.retry_base  # numbers run on across replays
             if structured:
-                fields = dict(attempt_fields(record, max_attempts))
+                fields = dict(attempt_fields(record, of))
                 attempts_log.log(level, "attempt", extra={"fields": fields})
             else:
-                attempts_log.log(level, attempt_line(record, max_attempts))
+                attempts_log.log(level, attempt_line(record, of))
 
     def _wake_for_retries(self, records: Sequence[AttemptRecord]) -> None:
         """Retries just scheduled here are claimed at their time, not at the next poll."""

@@ -1,4 +1,5 @@
-"""Sealed endpoint credentials, per-endpoint limits, endpoint health.
+"""Sealed endpoint credentials, per-endpoint limits, endpoint health, attempt numbers that
+run on across replays (`deliveries.retry_base`).
 
 Existing plaintext secrets are sealed under the configured key (see worker.keys) and the
 plaintext column is dropped.
@@ -34,6 +35,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("failing_since", UTCDateTime))
         batch.add_column(sa.Column("circuit_open_until", UTCDateTime))
     _seal_existing()
+    with op.batch_alter_table("deliveries") as batch:
+        batch.add_column(sa.Column("retry_base", sa.Integer, nullable=False, server_default="0"))
     with op.batch_alter_table("endpoints") as batch:
         batch.alter_column("credentials", nullable=False)
         batch.drop_column("secrets")
@@ -77,6 +80,8 @@ def downgrade() -> None:
         assert keys is not None
         secrets = list(open_credentials(keys, row.id, row.credentials).secrets)
         conn.execute(sa.update(_TABLE).where(_TABLE.c.id == row.id).values(secrets=secrets))
+    with op.batch_alter_table("deliveries") as batch:
+        batch.drop_column("retry_base")
     with op.batch_alter_table("endpoints") as batch:
         batch.alter_column("secrets", nullable=False)
         for name in ("credentials", "verify_tls", "max_in_flight", "rate_limit", "rate_burst",
