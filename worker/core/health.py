@@ -13,6 +13,9 @@ from worker.core.models import AttemptRecord, ErrorKind, OutcomeKind
 # Failures on our side (a secret that does not open or parse) say nothing about the endpoint.
 NOT_THE_ENDPOINTS_FAULT = frozenset({ErrorKind.CREDENTIALS, ErrorKind.INVALID_SECRET})
 FAILURES = frozenset({OutcomeKind.RETRY, OutcomeKind.FAILED, OutcomeKind.BLOCKED})
+# The last_error of a delivery held back by its endpoint's open circuit: what closing the
+# circuit sends at once (a retry due later of its own keeps its time).
+CIRCUIT_WAIT = "waiting for the endpoint's circuit breaker"
 
 
 @dataclass(frozen=True, slots=True)

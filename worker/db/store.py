@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.core.errors import StoreUnavailable
 from worker.core.health import (
+    CIRCUIT_WAIT,
     BatchHealth,
     HealthChange,
     HealthEvent,
@@ -40,10 +41,6 @@ from worker.db.history import DeliveryHistory
 from worker.db.rows import UNAVAILABLE, utcnow
 from worker.db.schema import UTCDateTime, attempts, deliveries, endpoints
 from worker.settings import Settings
-
-# Deliveries held back by a circuit are due at its open_until; this much either way still
-# counts as that (a time that went through a float on its way).
-PARKED_TOLERANCE = timedelta(milliseconds=1)
 
 
 def open_store(engine: AsyncEngine, settings: Settings) -> Store:
@@ -261,7 +258,7 @@ class Store(EndpointRecords, DeliveryHistory):
                     await conn.execute(
                         update(deliveries).where(deliveries.c.id.in_(ids))
                         .values(locked_until=None, next_attempt_at=max(until, now),
-                                updated_at=now))
+                                last_error=CIRCUIT_WAIT, updated_at=now))
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -319,10 +316,8 @@ class Store(EndpointRecords, DeliveryHistory):
             return changes
         # Lock every endpoint row this batch touches in one sorted pass first: two workers
         # recording crossing batches then queue behind each other instead of deadlocking.
-        circuits = dict(list(await conn.execute(
-            select(endpoints.c.id, endpoints.c.circuit_open_until)
-            .where(endpoints.c.id.in_(sorted(health)))
-            .order_by(endpoints.c.id).with_for_update())))
+        await conn.execute(select(endpoints.c.id).where(endpoints.c.id.in_(sorted(health)))
+                           .order_by(endpoints.c.id).with_for_update())
         # A success closes the circuit and clears the streak, even if failures follow it in
         # the same batch (they are counted afresh below).
         recovered = sorted(e for e, h in health.items() if h.succeeded)
@@ -337,20 +332,17 @@ class Store(EndpointRecords, DeliveryHistory):
                 update(endpoints)
                 .where(endpoints.c.id.in_(recovered), endpoints.c.failure_streak > 0)
                 .values(failure_streak=0, failing_since=None))
-            for endpoint_id in closed_ids:
-                # What waited for the circuit (parked at exactly its open_until) may go now;
-                # a retry due later of its own (a schedule, a Retry-After) keeps its time.
-                held_until = circuits.get(endpoint_id)
-                if held_until is not None:
-                    await conn.execute(
-                        update(deliveries)
-                        .where(deliveries.c.endpoint_id == endpoint_id,
-                               deliveries.c.status == DeliveryStatus.PENDING.value,
-                               deliveries.c.locked_until.is_(None),
-                               deliveries.c.next_attempt_at.between(
-                                   held_until - PARKED_TOLERANCE, held_until + PARKED_TOLERANCE),
-                               deliveries.c.next_attempt_at > now)
-                        .values(next_attempt_at=now))
+            if closed_ids:
+                # What the circuit held back may go now; a retry due later of its own (a
+                # schedule step, a Retry-After) keeps its time.
+                await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.endpoint_id.in_(closed_ids),
+                           deliveries.c.status == DeliveryStatus.PENDING.value,
+                           deliveries.c.locked_until.is_(None),
+                           deliveries.c.last_error == CIRCUIT_WAIT,
+                           deliveries.c.next_attempt_at > now)
+                    .values(next_attempt_at=now))
             changes += [HealthChange(e, HealthEvent.CLOSED) for e in closed_ids]
         for endpoint_id, h in sorted(health.items()):
             if h.failures:

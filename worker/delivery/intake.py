@@ -10,6 +10,7 @@ from typing import Any
 
 from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.core.errors import InvalidEvent
+from worker.core.health import CIRCUIT_WAIT
 from worker.core.ids import derived_id
 from worker.core.messages import fan_out_body
 from worker.core.models import (
@@ -113,7 +114,7 @@ class Intake:
             elif endpoint.circuit_open_until is not None:
                 # The circuit decides when; the sweep hands it out then, no attempt before.
                 row.update(next_attempt_at=max(endpoint.circuit_open_until, now),
-                           locked_until=None)
+                           locked_until=None, last_error=CIRCUIT_WAIT)
             else:
                 pending.append(Delivery(id=delivery_id, endpoint_id=endpoint.id,
                                         url=endpoint.url,
