@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import math
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from worker.cli_support import print_json, with_store
 from worker.core.errors import InvalidEndpoint, WebhookError
 from worker.core.ids import new_id
 from worker.core.models import Endpoint, EndpointPolicy, HttpResult, OutcomeKind
@@ -38,19 +39,6 @@ from worker.db.connection import create_engine
 from worker.db.store import Store, open_store
 from worker.keys import load_keyring
 from worker.settings import MAX_SECRET_OVERLAP, Settings, get_settings
-
-T = TypeVar("T")
-
-
-def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        engine = create_engine(settings)
-        try:
-            return await work(open_store(engine, settings))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -87,9 +75,6 @@ def _endpoint_json(ep: Endpoint, show_secret: bool = False) -> dict[str, Any]:
         "circuit": _circuit(ep), "credential_error": p.credential_error,
     }
 
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -148,9 +133,9 @@ def cmd_endpoints_add(args: argparse.Namespace, settings: Settings) -> int:
     endpoint = Endpoint(id=endpoint_id, url=url, secrets=secrets,
                         event_types=validate_event_types(args.event_type),
                         description=args.description, policy=policy)
-    saved = _with_store(settings, lambda store: store.add_endpoint(endpoint))
+    saved = with_store(settings, lambda store: store.add_endpoint(endpoint))
     if args.json:
-        _print_json(_endpoint_json(saved, show_secret=True))
+        print_json(_endpoint_json(saved, show_secret=True))
         return 0
     print(f"endpoint {saved.id}\n  url         {saved.url}")
     _print_new_secrets(saved.secrets)
@@ -186,9 +171,9 @@ def _show_endpoint(ep: Endpoint, show_secret: bool) -> None:
 
 
 def cmd_endpoints_list(args: argparse.Namespace, settings: Settings) -> int:
-    found = _with_store(settings, lambda store: store.list_endpoints())
+    found = with_store(settings, lambda store: store.list_endpoints())
     if args.json:
-        _print_json([_endpoint_json(ep, args.show_secret) for ep in found])
+        print_json([_endpoint_json(ep, args.show_secret) for ep in found])
         return 0
     if not found:
         print("no endpoints")
@@ -205,9 +190,9 @@ def cmd_endpoints_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_endpoints_show(args: argparse.Namespace, settings: Settings) -> int:
-    ep = _with_store(settings, lambda store: store.get_endpoint(args.id))
+    ep = with_store(settings, lambda store: store.get_endpoint(args.id))
     if args.json:
-        _print_json(_endpoint_json(ep, args.show_secret))
+        print_json(_endpoint_json(ep, args.show_secret))
     else:
         _show_endpoint(ep, args.show_secret)
     return 0
@@ -254,9 +239,9 @@ def cmd_endpoints_update(args: argparse.Namespace, settings: Settings) -> int:
             await store.set_headers(args.id, headers)
         return await store.update_endpoint(args.id, **changes)
 
-    ep = _with_store(settings, work)
+    ep = with_store(settings, work)
     if args.json:
-        _print_json(_endpoint_json(ep))
+        print_json(_endpoint_json(ep))
     else:
         _show_endpoint(ep, False)
     return 0
@@ -291,7 +276,7 @@ def cmd_endpoints_test(args: argparse.Namespace, settings: Settings) -> int:
               "error_kind": outcome.error_kind.value if outcome.error_kind else None,
               "error": outcome.error, "response_excerpt": result.response_excerpt}
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         status = result.status_code if result.status_code is not None else "-"
         print(f"test event {delivery.id} to {args.id}: {outcome.kind.value} (HTTP {status}, "
@@ -304,9 +289,9 @@ def cmd_endpoints_test(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_endpoints_delete(args: argparse.Namespace, settings: Settings) -> int:
-    _with_store(settings, lambda store: store.delete_endpoint(args.id))
+    with_store(settings, lambda store: store.delete_endpoint(args.id))
     if args.json:
-        _print_json({"id": args.id, "deleted": True})
+        print_json({"id": args.id, "deleted": True})
     else:
         print(f"endpoint {args.id} deleted (its delivery history stays until retention)")
     return 0
@@ -314,10 +299,10 @@ def cmd_endpoints_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_endpoints_enable(args: argparse.Namespace, settings: Settings) -> int:
     enabled = args.action == "enable"
-    resumed = _with_store(settings, lambda store: store.set_endpoint_enabled(
+    resumed = with_store(settings, lambda store: store.set_endpoint_enabled(
         args.id, enabled, None if enabled else (args.reason or "disabled by operator")))
     if args.json:
-        _print_json({"id": args.id, "enabled": enabled, "resumed": resumed})
+        print_json({"id": args.id, "enabled": enabled, "resumed": resumed})
     elif enabled:
         print(f"endpoint {args.id} enabled; {resumed} held deliveries resumed")
     else:
@@ -334,10 +319,10 @@ def cmd_endpoints_rotate(args: argparse.Namespace, settings: Settings) -> int:
     if not (math.isfinite(overlap) and 0 <= overlap <= MAX_SECRET_OVERLAP):
         raise WebhookError(f"--overlap must be 0..{MAX_SECRET_OVERLAP:.0f} seconds, "
                            f"not {overlap}")
-    ep = _with_store(settings, lambda store: store.rotate_secret(
+    ep = with_store(settings, lambda store: store.rotate_secret(
         args.id, secrets[0], overlap_seconds=overlap))
     if args.json:
-        _print_json(_endpoint_json(ep, show_secret=True))
+        print_json(_endpoint_json(ep, show_secret=True))
         return 0
     print(f"endpoint {args.id} now signs with:")
     _print_new_secrets(secrets)
@@ -354,9 +339,9 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_status(args: argparse.Namespace, settings: Settings) -> int:
     keys = load_keyring(settings)
-    usage = _with_store(settings, lambda store: store.key_usage())
+    usage = with_store(settings, lambda store: store.key_usage())
     if args.json:
-        _print_json({"sealing_key": keys.sealing_key_id, "keys": list(keys.key_ids),
+        print_json({"sealing_key": keys.sealing_key_id, "keys": list(keys.key_ids),
                      "endpoints_by_key": usage})
         return 0
     print(f"sealing key {keys.sealing_key_id}; keys held: {', '.join(keys.key_ids)}")
@@ -368,9 +353,9 @@ def cmd_keys_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
     keys = load_keyring(settings)
-    done = _with_store(settings, lambda store: store.reseal(args.chunk))
+    done = with_store(settings, lambda store: store.reseal(args.chunk))
     if args.json:
-        _print_json({"sealing_key": keys.sealing_key_id, "resealed": done})
+        print_json({"sealing_key": keys.sealing_key_id, "resealed": done})
     else:
         print(f"{done} endpoints re-sealed under key {keys.sealing_key_id}")
     return 0

@@ -7,24 +7,19 @@ Every command takes `--json`; every bad input ends in one line on stderr and exi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
-import orjson
-
+from worker.cli_support import print_json, with_store
 from worker.core.errors import WebhookError
 from worker.core.models import DeliveryStatus, OutcomeKind
-from worker.db.connection import create_engine
-from worker.db.store import Store, open_store
+from worker.db.store import Store
 from worker.settings import Settings
-
-T = TypeVar("T")
 
 STATUSES = tuple(s.value for s in DeliveryStatus)
 BLOCKED = "blocked"  # `--status blocked`: failed, the last attempt refused by the network policy
@@ -52,19 +47,7 @@ class OneLineParser(argparse.ArgumentParser):
 # -- small helpers ---------------------------------------------------------------------------
 
 
-def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        engine = create_engine(settings)
-        try:
-            return await work(open_store(engine, settings))
-        finally:
-            await engine.dispose()
 
-    return asyncio.run(run())
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _refuse(line: str) -> None:
@@ -171,9 +154,9 @@ def render_payload(head: bytes | None, size: int | None) -> tuple[str, bool]:
 
 
 def cmd_deliveries_stats(args: argparse.Namespace, settings: Settings) -> int:
-    counts = _with_store(settings, lambda store: store.status_counts())
+    counts = with_store(settings, lambda store: store.status_counts())
     if args.json:
-        _print_json(counts)
+        print_json(counts)
     else:
         for status in STATUSES:
             print(f"{status:<10} {counts.get(status, 0)}")
@@ -189,11 +172,11 @@ def cmd_deliveries_list(args: argparse.Namespace, settings: Settings) -> int:
         status, blocked = DeliveryStatus.FAILED.value, True
     limit = _limit(args.limit)
     since, until = _window(args)
-    found = _with_store(settings, lambda store: store.list_deliveries(
+    found = with_store(settings, lambda store: store.list_deliveries(
         status=status, endpoint_id=args.endpoint, event_type=args.event_type, since=since,
         until=until, blocked=blocked, limit=limit))
     if args.json:
-        _print_json([_delivery_json(row) for row in found])
+        print_json([_delivery_json(row) for row in found])
         return 0
     if not found:
         print("no deliveries")
@@ -227,13 +210,13 @@ def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
         tried, total = await store.delivery_attempts(args.id, ATTEMPTS_SHOWN)
         return row, tried, total
 
-    found = _with_store(settings, work)
+    found = with_store(settings, work)
     if found is None:
         raise WebhookError(f"no delivery with id {args.id!r}")
     row, tried, total = found
     payload, cut = render_payload(row["payload_head"], row["payload_size"])
     if args.json:
-        _print_json({
+        print_json({
             "delivery": {**_delivery_json(row), "payload": payload,
                          "payload_bytes": row["payload_size"], "payload_truncated": cut},
             "attempts": [_attempt_json(a) for a in tried],
@@ -324,7 +307,7 @@ def cmd_deliveries_replay(args: argparse.Namespace, settings: Settings) -> int:
             return replayed_ids, await store.delivery_statuses(
                 [i for i in ids if i not in taken])
 
-        done, others = _with_store(settings, work)
+        done, others = with_store(settings, work)
         replayed = len(done)
         for delivery_id in ids:
             if delivery_id not in done:
@@ -332,10 +315,10 @@ def cmd_deliveries_replay(args: argparse.Namespace, settings: Settings) -> int:
                 refused.append({"id": delivery_id, "status": found[0] if found else None,
                                 "reason": _why_not(delivery_id, found, "replayed")})
     else:
-        replayed = _with_store(settings, lambda store: store.replay_failed(
+        replayed = with_store(settings, lambda store: store.replay_failed(
             endpoint_id=args.endpoint, since=since, until=until))
     if args.json:
-        _print_json({"replayed": replayed, **({"ids": done} if ids else {}),
+        print_json({"replayed": replayed, **({"ids": done} if ids else {}),
                      "refused": refused})
     else:
         print(f"{replayed} deliveries queued for replay (due now; attempt numbers go on, the "
@@ -350,12 +333,12 @@ def cmd_deliveries_resend(args: argparse.Namespace, settings: Settings) -> int:
         made = await store.resend(args.id)
         return made, ({} if made else await store.delivery_statuses([args.id]))
 
-    made, found = _with_store(settings, work)
+    made, found = with_store(settings, work)
     if made is None:
         raise WebhookError(_why_not(args.id, found.get(args.id), "resent"))
     new_id, endpoint_id = made
     if args.json:
-        _print_json({"id": new_id, "resent_from": args.id, "endpoint_id": endpoint_id,
+        print_json({"id": new_id, "resent_from": args.id, "endpoint_id": endpoint_id,
                      "status": DeliveryStatus.PENDING.value})
     else:
         print(f"{new_id} queued: a copy of {args.id} for endpoint {endpoint_id}, due now "
@@ -372,9 +355,9 @@ def cmd_deliveries_recover(args: argparse.Namespace, settings: Settings) -> int:
         count = await store.replay_failed(endpoint_id=endpoint.id, since=since, until=until)
         return endpoint.enabled, count
 
-    enabled, replayed = _with_store(settings, work)
+    enabled, replayed = with_store(settings, work)
     if args.json:
-        _print_json({"endpoint_id": args.endpoint, "since": _iso(since), "until": _iso(until),
+        print_json({"endpoint_id": args.endpoint, "since": _iso(since), "until": _iso(until),
                      "replayed": replayed, "endpoint_enabled": enabled})
         return 0
     window = f"created since {since.isoformat(timespec='seconds')}" + (
