@@ -316,22 +316,22 @@ class Store(EndpointRecords, DeliveryHistory):
             return changes
         # Lock every endpoint row this batch touches in one sorted pass first: two workers
         # recording crossing batches then queue behind each other instead of deadlocking.
-        await conn.execute(select(endpoints.c.id).where(endpoints.c.id.in_(sorted(health)))
-                           .order_by(endpoints.c.id).with_for_update())
+        # The rows' health as locked: a healthy endpoint's success then costs no write.
+        locked = {row.id: row for row in await conn.execute(
+            select(endpoints.c.id, endpoints.c.failure_streak, endpoints.c.circuit_open_until)
+            .where(endpoints.c.id.in_(sorted(health)))
+            .order_by(endpoints.c.id).with_for_update())}
         # A success closes the circuit and clears the streak, even if failures follow it in
         # the same batch (they are counted afresh below).
-        recovered = sorted(e for e, h in health.items() if h.succeeded)
-        if recovered:
-            closed = await conn.execute(
-                update(endpoints)
-                .where(endpoints.c.id.in_(recovered), endpoints.c.circuit_open_until.is_not(None))
-                .values(failure_streak=0, failing_since=None, circuit_open_until=None)
-                .returning(endpoints.c.id))
-            closed_ids = sorted(closed.scalars())
+        unhealthy = [locked[e] for e, h in sorted(health.items())
+                     if h.succeeded and e in locked
+                     and (locked[e].failure_streak or locked[e].circuit_open_until is not None)]
+        if unhealthy:
             await conn.execute(
                 update(endpoints)
-                .where(endpoints.c.id.in_(recovered), endpoints.c.failure_streak > 0)
-                .values(failure_streak=0, failing_since=None))
+                .where(endpoints.c.id.in_([row.id for row in unhealthy]))
+                .values(failure_streak=0, failing_since=None, circuit_open_until=None))
+            closed_ids = [row.id for row in unhealthy if row.circuit_open_until is not None]
             if closed_ids:
                 # What the circuit held back may go now; a retry due later of its own (a
                 # schedule step, a Retry-After) keeps its time.
