@@ -18,6 +18,8 @@ from worker.core.errors import InvalidEvent
 ENDPOINT_ID_MAX = 128
 EVENT_TYPE_MAX = 255
 IDEMPOTENCY_KEY_MAX = 255
+ORDERING_KEY_MAX = 255
+TASK_ID_MAX = 64
 # What is kept of a payload that could not be accepted.
 REJECTED_EXCERPT_BYTES = 2048
 

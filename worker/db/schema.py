@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Dialect,
@@ -21,7 +22,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from worker.core.models import ENDPOINT_ID_MAX, EVENT_TYPE_MAX, IDEMPOTENCY_KEY_MAX
+from worker.core.models import (
+    ENDPOINT_ID_MAX,
+    EVENT_TYPE_MAX,
+    IDEMPOTENCY_KEY_MAX,
+    ORDERING_KEY_MAX,
+    TASK_ID_MAX,
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -70,6 +77,8 @@ endpoints = Table(
     Column("failure_streak", Integer, nullable=False, default=0),
     Column("failing_since", UTCDateTime),
     Column("circuit_open_until", UTCDateTime),
+    # "fifo": one delivery at a time per ordering key, in enqueue order; "none": any order.
+    Column("ordering", String(8), nullable=False, default="none", server_default="none"),
 )
 
 # endpoint_id is not a foreign key: rejected events name endpoints that do not exist,
@@ -93,10 +102,18 @@ deliveries = Table(
     Column("last_error", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The Celery task (message) that brought it, so a task id leads to its deliveries.
+    Column("task_id", String(TASK_ID_MAX)),
+    # FIFO endpoints only: the queue within the endpoint ("" is the whole endpoint) and the
+    # place in it, given at enqueue under a lock on that queue.
+    Column("ordering_key", String(ORDERING_KEY_MAX)),
+    Column("fifo_seq", BigInteger),
     Index("ix_deliveries_due", "status", "next_attempt_at"),
     Index("ix_deliveries_created_at", "created_at"),
     Index("ix_deliveries_endpoint", "endpoint_id", "created_at"),
     Index("uq_deliveries_idempotency", "endpoint_id", "idempotency_key", unique=True),
+    Index("ix_deliveries_task", "task_id"),
+    Index("ix_deliveries_fifo", "endpoint_id", "ordering_key", "fifo_seq"),
 )
 
 attempts = Table(
@@ -112,4 +129,6 @@ attempts = Table(
     Column("error_kind", String(32)),
     Column("error", Text),
     Column("response_excerpt", Text),
+    # The headers sent, secrets left out (static header values are replaced by "(sealed)").
+    Column("request_headers", JSON),
 )
