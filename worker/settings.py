@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -158,6 +159,20 @@ class Settings(BaseSettings):
     metrics_count_limit: int = Field(
         100_000, ge=1, validation_alias=_env("WEBHOOKS_METRICS_COUNT_LIMIT"))
 
+    # The web UI (`webhooks ui`) and the partner portal (`webhooks portal-link`).
+    ui_host: str = Field("127.0.0.1", validation_alias=_env("WEBHOOKS_UI_HOST"))
+    ui_port: int = Field(8400, ge=0, le=65535, validation_alias=_env("WEBHOOKS_UI_PORT"))
+    # Required off loopback; on loopback a random one is made at start when unset.
+    ui_token: SecretStr | None = Field(None, validation_alias=_env("WEBHOOKS_UI_TOKEN"))
+    # Signs portal links; unset: derived from the sealing key ring (WEBHOOKS_SECRET_KEYS).
+    ui_secret: SecretStr | None = Field(None, validation_alias=_env("WEBHOOKS_UI_SECRET"))
+    # Where partners reach the UI, the base of portal links; unset: http://UI_HOST:UI_PORT.
+    ui_public_url: str | None = Field(None, validation_alias=_env("WEBHOOKS_UI_PUBLIC_URL"))
+    # Origins allowed to frame the portal (CSP frame-ancestors); unset: nobody may.
+    portal_frame_ancestors: str | None = Field(
+        None, validation_alias=_env("WEBHOOKS_PORTAL_FRAME_ANCESTORS"))
+    ui_db_timeout: float = Field(5.0, gt=0, validation_alias=_env("WEBHOOKS_UI_DB_TIMEOUT"))
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str) -> str:
@@ -174,6 +189,28 @@ class Settings(BaseSettings):
             raise ValueError(f"DATABASE_URL uses {scheme!r}; this worker runs on "
                              "postgresql+asyncpg:// or sqlite+aiosqlite://")
         return value
+
+    @field_validator("portal_frame_ancestors")
+    @classmethod
+    def _check_ancestors(cls, value: str | None) -> str | None:
+        """Space-separated CSP sources: origins like https://app.example.com, or 'self'."""
+        if value is None or not value.strip():
+            return None
+        for source in value.split():
+            if not re.fullmatch(r"'self'|https?://[A-Za-z0-9.*:\[\]-]+(:[0-9]+)?/?", source):
+                raise ValueError(
+                    "WEBHOOKS_PORTAL_FRAME_ANCESTORS takes space-separated origins such as "
+                    f"https://app.example.com (or 'self'), not {source!r}")
+        return " ".join(value.split())
+
+    @field_validator("ui_public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value.strip()):
+            raise ValueError(f"WEBHOOKS_UI_PUBLIC_URL must be an http(s) URL, not {value!r}")
+        return value.strip().rstrip("/")
 
     @field_validator("allowed_networks", mode="before")
     @classmethod

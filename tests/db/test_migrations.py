@@ -98,10 +98,14 @@ def test_metadata_names_the_expected_tables_and_indexes() -> None:
     assert set(exp["indexes"]["deliveries"]) == {
         "ix_deliveries_due", "ix_deliveries_created_at", "ix_deliveries_endpoint",
         "uq_deliveries_idempotency", "ix_deliveries_task", "ix_deliveries_fifo",
+        "ix_deliveries_status_created", "ix_deliveries_event_type",
     }
+    assert exp["indexes"]["deliveries"]["ix_deliveries_created_at"] == (
+        ("created_at", "id"), False)
     assert exp["indexes"]["deliveries"]["uq_deliveries_idempotency"] == (
         ("endpoint_id", "idempotency_key"), True)
-    assert set(exp["indexes"]["attempts"]) == {"ix_attempts_delivery_id"}
+    assert set(exp["indexes"]["attempts"]) == {"ix_attempts_delivery_id",
+                                               "ix_attempts_attempted_at"}
 
 
 def test_upgrade_head_creates_the_schema(fresh_url: str) -> None:

@@ -22,6 +22,8 @@ ORDERING_KEY_MAX = 255
 TASK_ID_MAX = 64
 # What is kept of a payload that could not be accepted.
 REJECTED_EXCERPT_BYTES = 2048
+# What is recorded instead of a static header's value (it may carry the receiver's API key).
+SEALED_VALUE = "(sealed)"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -163,6 +165,8 @@ class HttpResult:
     retry_after: str | None = None
     response_excerpt: str | None = None
     duration_ms: float = 0.0
+    # The headers sent (or tried), static header values replaced by SEALED_VALUE.
+    request_headers: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,8 +109,11 @@ deliveries = Table(
     Column("ordering_key", String(ORDERING_KEY_MAX)),
     Column("fifo_seq", BigInteger),
     Index("ix_deliveries_due", "status", "next_attempt_at"),
-    Index("ix_deliveries_created_at", "created_at"),
-    Index("ix_deliveries_endpoint", "endpoint_id", "created_at"),
+    # Keyset pages on (created_at, id), whole or by endpoint, status or event type (the UI).
+    Index("ix_deliveries_created_at", "created_at", "id"),
+    Index("ix_deliveries_endpoint", "endpoint_id", "created_at", "id"),
+    Index("ix_deliveries_status_created", "status", "created_at", "id"),
+    Index("ix_deliveries_event_type", "event_type", "created_at", "id"),
     Index("uq_deliveries_idempotency", "endpoint_id", "idempotency_key", unique=True),
     Index("ix_deliveries_task", "task_id"),
     Index("ix_deliveries_fifo", "endpoint_id", "ordering_key", "fifo_seq"),
@@ -131,4 +134,6 @@ attempts = Table(
     Column("response_excerpt", Text),
     # The headers sent, secrets left out (static header values are replaced by "(sealed)").
     Column("request_headers", JSON),
+    # Attempts per minute by outcome (the UI's overview), read from the index alone.
+    Index("ix_attempts_attempted_at", "attempted_at", "outcome"),
 )

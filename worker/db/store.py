@@ -412,6 +412,8 @@ def _attempt_row(r: AttemptRecord) -> dict[str, Any]:
         "error_kind": r.outcome.error_kind.value if r.outcome.error_kind else None,
         "error": r.outcome.error,
         "response_excerpt": r.result.response_excerpt,
+        "request_headers": (None if r.result.request_headers is None
+                            else dict(r.result.request_headers)),
     }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 import aiohttp
@@ -14,7 +14,7 @@ from aiohappyeyeballs import AddrInfoType
 from yarl import URL
 
 from worker.core.errors import DestinationBlocked, InvalidSecret
-from worker.core.models import Delivery, ErrorKind, HttpResult
+from worker.core.models import SEALED_VALUE, Delivery, ErrorKind, HttpResult
 from worker.core.netpolicy import IPNetwork, is_allowed, refusal_for_url
 from worker.core.signing import SigningKeys, parse_signing_keys, signed_headers
 from worker.delivery.resolver import VettingResolver
@@ -176,9 +176,21 @@ class Sender:
         if refusal is not None:
             return refusal
         headers = dict(policy.headers)
-        headers.update(signed_headers(keys, delivery.id, int(time.time()), delivery.payload))
+        signed = signed_headers(keys, delivery.id, int(time.time()), delivery.payload)
+        headers.update(signed)
+        # What the attempt record keeps: the signed headers as sent, static values sealed.
+        static = {name.lower() for name, _ in policy.headers}
+        sent = (*((name, SEALED_VALUE) for name, _ in policy.headers), *signed.items(),
+                *((("user-agent", USER_AGENT),) if "user-agent" not in static else ()))
+        result = await self._post(delivery, headers, elapsed)
+        return replace(result, request_headers=sent)
+
+    async def _post(self, delivery: Delivery, headers: dict[str, str],
+                    elapsed: Callable[[], float]) -> HttpResult:
+        policy, session = delivery.policy, self._session
+        assert session is not None
         try:
-            async with self._session.post(
+            async with session.post(
                 delivery.url, data=delivery.payload, headers=headers, allow_redirects=False,
                 ssl=policy.verify_tls,  # False only by the per-endpoint test-only opt-out
             ) as response:
