@@ -476,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deliveries_commands(sub)
 
+    from worker.cli_ui import add_ui_commands
+
+    add_ui_commands(sub)
+
     demo = sub.add_parser("demo", help="a real end-to-end run on the embedded defaults")
     demo.add_argument("--events", type=int, default=200)
     demo.add_argument("--keep", action="store_true", help="keep the demo database")
