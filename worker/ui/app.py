@@ -52,6 +52,7 @@ class UiContext:
 
 
 CONTEXT = web.AppKey("webhooks_ui", UiContext)
+SESSION = web.RequestKey("webhooks_ui_session", str)
 
 
 def templates() -> jinja2.Environment:
@@ -71,7 +72,7 @@ def context_of(request: web.Request) -> UiContext:
 
 def render(request: web.Request, name: str, status: int = 200, **values: Any) -> web.Response:
     ctx = context_of(request)
-    session = request.get("session")
+    session = request.get(SESSION)
     html = ctx.templates.get_template(name).render(
         csrf=ctx.auth.csrf_for(session) if session else "", csrf_field=CSRF_FIELD,
         path=request.path, **values)
@@ -121,7 +122,8 @@ async def operator_auth(request: web.Request, handler: Handler) -> web.StreamRes
                             "send Authorization: Bearer <WEBHOOKS_UI_TOKEN>\n",
                             headers={"WWW-Authenticate": 'Bearer realm="webhooks"'})
     if by_session:
-        request["session"] = session
+        assert session is not None
+        request[SESSION] = session
     if request.method not in ("GET", "HEAD") and not by_bearer:
         form = await request.post()
         offered = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)

@@ -61,7 +61,7 @@ async def portal_home(request: web.Request) -> web.StreamResponse:
     params = {"status": status} if status else {}
     older = (f"{link.base}?" + urlencode({**params, "after": encode_cursor(cursor)})
              if cursor else None)
-    return _page(request, link, "portal.html", rows=rows, older=older, status=status,
+    return _page(request, link, "portal.html", rows=rows, older=older, chosen=status,
                  statuses=PORTAL_STATUSES, replayed=_count(request.query.get("replayed")))
 
 
