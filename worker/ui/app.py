@@ -52,7 +52,6 @@ class UiContext:
 
 
 CONTEXT = web.AppKey("webhooks_ui", UiContext)
-SESSION = web.RequestKey("webhooks_ui_session", str)
 
 
 def templates() -> jinja2.Environment:
@@ -72,11 +71,18 @@ def context_of(request: web.Request) -> UiContext:
 
 def render(request: web.Request, name: str, status: int = 200, **values: Any) -> web.Response:
     ctx = context_of(request)
-    session = request.get(SESSION)
+    session = _session(request)
     html = ctx.templates.get_template(name).render(
         csrf=ctx.auth.csrf_for(session) if session else "", csrf_field=CSRF_FIELD,
         path=request.path, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+
+def _session(request: web.Request) -> str | None:
+    """The request's valid session cookie, if any (its forms carry that session's CSRF)."""
+    ctx = context_of(request)
+    session = request.cookies.get(SESSION_COOKIE)
+    return session if ctx.auth.session_ok(session, ctx.clock()) else None
 
 
 def error_page(request: web.Request, status: int, message: str) -> web.Response:
@@ -121,9 +127,6 @@ async def operator_auth(request: web.Request, handler: Handler) -> web.StreamRes
         return web.Response(status=401, text="authentication required: log in at /login or "
                             "send Authorization: Bearer <WEBHOOKS_UI_TOKEN>\n",
                             headers={"WWW-Authenticate": 'Bearer realm="webhooks"'})
-    if by_session:
-        assert session is not None
-        request[SESSION] = session
     if request.method not in ("GET", "HEAD") and not by_bearer:
         form = await request.post()
         offered = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
