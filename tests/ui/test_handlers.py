@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestServer
 from sqlalchemy import select
 
 from tests.ui.conftest import T0, TOKEN, Ui
+from worker.core.models import Endpoint
+from worker.core.signing import generate_secret
 from worker.db.schema import deliveries
 from worker.ui.portal import sign_link
 
@@ -346,3 +348,43 @@ async def test_portal_replays_its_own_failed_deliveries_with_csrf_only(ui: Ui) -
     assert await _status(ui, "msg_a1") == "pending"
     assert await _status(ui, "msg_a2") == "succeeded"
     assert await _status(ui, "msg_b1") == "failed"  # another endpoint's: untouched
+
+
+async def test_portal_is_framable_only_by_the_configured_origins(
+        store: object, database_url: str) -> None:
+    from aiohttp.test_utils import TestClient
+
+    from worker.settings import Settings
+    from worker.ui.app import make_app
+    from worker.ui.portal import portal_keys
+
+    settings = Settings(database_url=database_url,
+                        portal_frame_ancestors="https://app.example.com  'self'")
+    keys = portal_keys(None, store.keys)  # type: ignore[attr-defined]
+    client: TestClient = TestClient(TestServer(make_app(settings, TOKEN, keys)))  # type: ignore[type-arg]
+    await client.start_server()
+    try:
+        await store.add_endpoint(Endpoint(  # type: ignore[attr-defined]
+            id="ep-a", url="https://partner.example/h", secrets=(generate_secret(),)))
+        token = sign_link(keys, "ep-a", 2_000_000_000)
+        portal = await client.get(f"/portal/{token}")
+        assert portal.status == 200
+        assert "frame-ancestors https://app.example.com 'self'" in portal.headers[
+            "Content-Security-Policy"]
+        assert "X-Frame-Options" not in portal.headers
+        login = await client.get("/login")
+        assert "frame-ancestors 'none'" in login.headers["Content-Security-Policy"]
+        assert login.headers["X-Frame-Options"] == "DENY"
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("value", ["*", "https://a.example; script-src *", "javascript:x",
+                                   "https://a.example\nX: y", "'unsafe-inline'"])
+def test_frame_ancestors_setting_refuses_anything_but_origins(value: str) -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match="WEBHOOKS_PORTAL_FRAME_ANCESTORS"):
+        Settings(portal_frame_ancestors=value)
