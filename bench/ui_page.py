@@ -38,6 +38,7 @@ from worker.settings import Settings
 from worker.ui.app import CONTEXT, make_app
 from worker.ui.paging import Cursor, encode_cursor
 from worker.ui.portal import portal_keys
+from worker.ui.stats import percentile
 
 TOKEN = "bench-ui-token-" + "z" * 20
 ENDPOINTS = 100
@@ -79,11 +80,6 @@ SELECT d.id, n, d.created_at + n * interval '30 s', 20 + (n * 37) % 200,
 FROM deliveries d, generate_series(1, d.attempts) AS n
 WHERE d.status = 'failed' OR (d.status = 'succeeded' AND d.id LIKE '%0')
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(round(q / 100 * len(ordered) + 0.5) - 1, 0)]
 
 
 async def fill(url: str, rows: int, keys: KeyRing) -> None:
@@ -150,7 +146,8 @@ async def measure(url: str, keys: KeyRing, key_text: str, requests: int,
         "GET / (overview, 3 h, uncached)": {"path": "/"},
     }
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    print(f"\n{'GET /deliveries (50 rows)':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  rows")
+    print(f"\n{'GET /deliveries (50 rows)':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  rows",
+          "(p99: nearest rank)")
     try:
         async with aiohttp.ClientSession(headers=headers) as http:
             for name, query in pages.items():
@@ -168,7 +165,8 @@ async def measure(url: str, keys: KeyRing, key_text: str, requests: int,
                     took.append((time.perf_counter() - started) * 1000)
                     assert resp.status == 200, (resp.status, body[:300])
                 shown = body.count('class="delivery-link"') or body.count('class="endpoint')
-                print(f"{name:<36} {statistics.median(took):8.1f} {pct(took, 99):8.1f} "
+                p99 = percentile(took, 99) or 0.0
+                print(f"{name:<36} {statistics.median(took):8.1f} {p99:8.1f} "
                       f"{max(took):8.1f}  {shown}", flush=True)
     finally:
         await runner.cleanup()
