@@ -24,7 +24,7 @@ from worker.ui.stats import FAILING, minute_series, ratio, stacked_bars
 
 PAYLOAD_READ = 65_536  # bytes of a payload read to show it (the page shows at most 4096 chars)
 ATTEMPTS_SHOWN = 100  # the newest attempts on a delivery's page
-ENDPOINTS_PER_PAGE = 25  # each with its own bounded health query (~2 ms)
+ENDPOINTS_PER_PAGE = 25
 ATTENTION = 20  # endpoints listed as needing attention on the overview
 CHART_HOURS = (1, 3, 6, 12, 24)
 OVERVIEW_CACHE_SECONDS = 10.0  # the overview's aggregates are read at most this often
@@ -159,8 +159,8 @@ async def endpoints_page(request: web.Request) -> web.StreamResponse:
     _, queries = ctx.db()
     after = request.query.get("after") or None
     found, more = await queries.endpoints_page(after, ENDPOINTS_PER_PAGE)
-    health = await asyncio.gather(*(queries.endpoint_health(ep.id) for ep in found))
-    return render(request, "endpoints.html", endpoints=list(zip(found, health, strict=True)),
+    health = await queries.health_of_endpoints([ep.id for ep in found])
+    return render(request, "endpoints.html", endpoints=[(ep, health[ep.id]) for ep in found],
                   more=more, circuit=_circuit, note=_note(request),
                   focus=request.query.get("endpoint"))
 
