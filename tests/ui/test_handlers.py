@@ -388,3 +388,10 @@ def test_frame_ancestors_setting_refuses_anything_but_origins(value: str) -> Non
 
     with pytest.raises(ValidationError, match="WEBHOOKS_PORTAL_FRAME_ANCESTORS"):
         Settings(portal_frame_ancestors=value)
+
+
+async def test_logout_ends_the_session(ui: Ui) -> None:
+    csrf = await ui.login()
+    resp = await ui.client.post("/logout", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/login?note=logged-out"
+    assert (await ui.client.get("/deliveries", allow_redirects=False)).status == 401

@@ -57,7 +57,7 @@ def _safe_next(target: str | None) -> str:
 
 def _logged_in(request: web.Request, target: str) -> web.StreamResponse:
     ctx = context_of(request)
-    response = web.HTTPSeeOther(_safe_next(target))
+    response = web.Response(status=303, headers={"Location": _safe_next(target)})
     secure = (ctx.settings.ui_public_url or "").startswith("https://") or request.secure
     response.set_cookie(SESSION_COOKIE, ctx.auth.new_session(ctx.clock()), max_age=SESSION_SECONDS,
                         path="/", httponly=True, samesite="Strict", secure=secure)
@@ -90,7 +90,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    response = web.HTTPSeeOther("/login?note=logged-out")
+    response = web.Response(status=303, headers={"Location": "/login?note=logged-out"})
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
 
