@@ -38,7 +38,12 @@ from bench.procs import (
 from bench.receiver import ReceiverPool, Snapshot
 from bench.report import BUCKET_SECONDS, ModeResult
 
-ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline")
+ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline", "outbox", "outbox1")
+# Modes whose workers are the real worker with its database.
+DB_MODES = ("single", "batch", "outbox", "outbox1")
+# Outbox modes: producers write rows in their own transactions, no broker message; events
+# per transaction.
+OUTBOX_EVENTS = {"outbox": 100, "outbox1": 1}
 RSS_FLAT_FROM = 100_000  # events delivered when the RSS-flatness target starts counting
 WARMUP_EP_INDEX = 65000  # path /ep/65000: never a slow endpoint
 
@@ -126,13 +131,16 @@ def worker_commands(ctx: Context, mode: str) -> tuple[list[list[str]], str]:
         cmds = [[*tool("celery"), "-A", app, *base, "--pool", "prefork", "-c",
                  str(a.baseline_concurrency), "-n", "plain@%h"]]
         return cmds, f"1 process, prefork {a.baseline_concurrency}, requests.Session, no db"
-    app = "worker.celery_app" if mode in ("single", "batch") else "bench.baselines.noop_celery"
+    app = "worker.celery_app" if mode in DB_MODES else "bench.baselines.noop_celery"
     pool = ["--pool", a.pool] + (["-c", str(a.concurrency)] if a.pool != "solo" else [])
     cmds = [[*tool("celery"), "-A", app, *base, *pool, "-n", f"bench{i}@%h"]
             for i in range(a.workers)]
     pool_desc = "solo" if a.pool == "solo" else f"{a.pool} {a.concurrency}"
     extra = f", {a.batch_size} events/message" if mode == "batch" else ""
-    dbd = f", db {db.describe(ctx.db_url)}" if mode in ("single", "batch") else ", no db"
+    if mode in OUTBOX_EVENTS:
+        extra = (f", outbox: {OUTBOX_EVENTS[mode]} event(s)/transaction, no broker message, "
+                 "claimed on NOTIFY (PostgreSQL) or poll (SQLite)")
+    dbd = f", db {db.describe(ctx.db_url)}" if mode in DB_MODES else ", no db"
     return cmds, f"{a.workers} worker process(es), {pool_desc}{extra}{dbd}, {a.producers} producers"
 
 
@@ -218,7 +226,7 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
     label = label or mode
     r = ctx.redis
     r.flushdb()
-    uses_db = mode in ("single", "batch")
+    uses_db = mode in DB_MODES
     if uses_db:
         if not ctx.db_ready:
             db.recreate(ctx.db_url)
@@ -344,6 +352,8 @@ def _producer_config(ctx: Context, mode: str, rate: float | None) -> dict[str, A
     per = (rate or 0.0) / a.producers
     if mode == "batch":
         chunk = a.batch_size if not per else max(1, min(a.batch_size, int(per * 0.02)))
+    elif mode == "outbox":  # paced: a transaction per 20 ms of events, at most 100
+        chunk = 100 if not per else max(1, min(100, int(per * 0.02)))
     else:
         chunk = 100 if not per else max(1, min(100, int(per * 0.05)))
     return {
@@ -358,6 +368,7 @@ def _producer_config(ctx: Context, mode: str, rate: float | None) -> dict[str, A
         "endpoint_urls": ctx.endpoint_urls,
         "warmup_id": db.WARMUP_ENDPOINT,
         "warmup_url": ctx.warmup_url,
+        "db_url": db.sync_url(ctx.db_url),
     }
 
 
@@ -365,7 +376,8 @@ def _warm_up(ctx: Context, mode: str, pcfg: dict[str, Any], env: dict[str, str],
              procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Path]) -> None:
     """Publish warm-up events and wait until all are through (workers up and hot)."""
     n = ctx.args.warmup
-    cfg = {**pcfg, "warmup": n, "chunk": min(pcfg["chunk"], 100) if mode == "batch" else 100}
+    cfg = {**pcfg, "warmup": n,
+           "chunk": min(pcfg["chunk"], 100) if mode in ("batch", "outbox") else 100}
     p = ctx.children.start([sys.executable, "-m", "bench.producer", orjson.dumps(cfg).decode()],
                            env, stdout=subprocess.PIPE)
     _read_json(p)
@@ -427,7 +439,7 @@ def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
             if sender_total >= facts["seen"] or time.time() > settle:
                 break
             time.sleep(0.1)
-    elif mode in ("single", "batch"):
+    elif mode in DB_MODES:
         settle = time.time() + 15
         while True:  # outcomes are written after the answer: let them land
             db_status = db.status_counts(ctx.db_url)

@@ -54,6 +54,8 @@ def _publisher(cfg: dict[str, Any]) -> Callable[[list[tuple[int, float]]], None]
             )
 
         return pub_batch
+    if mode in ("outbox", "outbox1"):
+        return _outbox_publisher(cfg, pad)
     if mode == "celery-noop":
         from bench.baselines.noop_celery import noop
 
@@ -73,6 +75,36 @@ def _publisher(cfg: dict[str, Any]) -> Callable[[list[tuple[int, float]]], None]
 
         return pub_plain
     raise ValueError(f"unknown mode {mode}")
+
+
+def _outbox_publisher(cfg: dict[str, Any], pad: str) -> Callable[[list[tuple[int, float]]], None]:
+    """Transactions writing rows with `worker.outbox.enqueue_many`: the whole chunk in one
+    (`outbox`), or one transaction per event (`outbox1`).
+
+    `bench.t` is stamped just before the transaction starts, so the latency measured is
+    commit -> first byte plus the transaction's own insert and commit time.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from worker import outbox
+
+    ids: list[str] = cfg["endpoint_ids"]
+    n_ep = len(ids)
+    engine = create_engine(cfg["db_url"])
+
+    def commit(items: list[tuple[int, float]]) -> None:
+        t = time.time()
+        with Session(engine) as session, session.begin():
+            outbox.enqueue_many(session, [
+                {"webhook_id": ids[seq % n_ep], "event_data": event(seq, t, pad)}
+                for seq, _ in items])
+
+    def pub_outbox1(items: list[tuple[int, float]]) -> None:
+        for item in items:
+            commit([item])
+
+    return commit if cfg["mode"] == "outbox" else pub_outbox1
 
 
 def _warm_ids(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +160,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 else:
                     items.append((seq, time.time()))
                 k += 1
-                if rate > 0 and cfg["mode"] != "batch":
+                if rate > 0 and cfg["mode"] not in ("batch", "outbox"):
                     try:
                         publish(items)
                         _add(ranges, items[0][0], items[0][0] + 1)

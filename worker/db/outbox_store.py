@@ -155,8 +155,10 @@ def insert_rows(conn: Connection, rows: Sequence[dict[str, Any]],
     rows = list(rows)
     number_fifo_rows_sync(conn, rows)
     # One statement for the whole batch (SQLAlchemy sends it as multi-row VALUES pages).
-    stmt = insert_ignoring_duplicates(conn.dialect.name).returning(deliveries.c.id)
-    inserted = {row_id for (row_id,) in conn.execute(stmt, rows)}
-    if inserted and conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_notify(CHANNEL, "")))
-    return inserted
+    returning: list[Any] = [deliveries.c.id]
+    if conn.dialect.name == "postgresql":
+        # The wake-up rides on the insert: sent for rows actually inserted, delivered on
+        # commit, folded into one per transaction, and no extra round trip.
+        returning.append(func.pg_notify(CHANNEL, ""))
+    stmt = insert_ignoring_duplicates(conn.dialect.name).returning(*returning)
+    return {row[0] for row in conn.execute(stmt, rows)}
