@@ -38,7 +38,7 @@ from worker.settings import Settings, get_settings
 ENDPOINT_FIELDS = {
     "id", "url", "event_types", "enabled", "disabled_reason", "description", "created_at",
     "secrets", "public_keys", "headers", "verify_tls", "max_in_flight", "rate_limit",
-    "rate_burst", "failure_streak", "failing_since", "circuit", "credential_error",
+    "rate_burst", "failure_streak", "failing_since", "circuit", "credential_error", "ordering",
 }
 HOW_TO_GET_A_KEY = "webhooks keys generate"
 

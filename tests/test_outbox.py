@@ -20,7 +20,7 @@ from tests.conftest import PG_ADMIN_URL, _pg_admin
 from worker import outbox
 from worker.core.errors import InvalidEvent, OutboxError
 from worker.core.health import CIRCUIT_WAIT
-from worker.core.models import Endpoint
+from worker.core.models import Endpoint, Ordering
 from worker.core.signing import generate_secret
 from worker.db import outbox_store
 from worker.db.schema import deliveries, endpoints
@@ -314,3 +314,49 @@ async def test_notify_is_sent_on_commit_only(store: Store, producer: Engine,
         assert payloads == ["", "marker"]
     finally:
         await listener.close()
+
+
+async def test_fifo_endpoint_rows_get_their_places_in_the_producers_transaction(
+        store: Store, producer: Engine, aproducer: AsyncEngine) -> None:
+    await add(store, "ep-fifo", ordering=Ordering.FIFO)
+    await add(store, "ep-any")
+    with Session(producer) as session, session.begin():
+        a = outbox.enqueue_many(session, [
+            {"webhook_id": "ep-fifo", "event_data": {"n": i}, "ordering_key": "partner-1"}
+            for i in range(3)])
+        whole = outbox.enqueue(session, webhook_id="ep-fifo", event_data={})
+        loose = outbox.enqueue(session, webhook_id="ep-any", event_data={}, ordering_key="k")
+    async with AsyncSession(aproducer) as session, session.begin():
+        more = await outbox.enqueue_async(session, webhook_id="ep-fifo", event_data={"n": 3},
+                                          ordering_key="partner-1")
+    with producer.connect() as conn, pytest.raises(InvalidEvent) as caught:
+        outbox.enqueue(conn, webhook_id="ep-fifo", event_data={}, ordering_key="")
+    assert caught.value.code == "invalid_ordering_key"
+    by_id = {r.id: (r.ordering_key, r.fifo_seq) for r in rows(producer)}
+    assert [by_id[i] for i in [*a, more]] == [("partner-1", n) for n in (1, 2, 3, 4)]
+    assert by_id[whole] == ("", 1)  # no key: the endpoint's one queue
+    assert by_id[loose] == (None, None)  # not a FIFO endpoint: any order
+
+
+async def test_concurrent_producers_number_one_queue_in_commit_order(
+        store: Store, producer: Engine, database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("two writers at once need PostgreSQL")
+    await add(store, "ep-fifo", ordering=Ordering.FIFO)
+    first, second = Session(producer), Session(producer)
+    try:
+        outbox.enqueue(first, webhook_id="ep-fifo", event_data={"who": 1}, ordering_key="k")
+        # The second producer waits for the first one's queue lock, then numbers after it.
+        done = asyncio.get_running_loop().run_in_executor(
+            None, lambda: (outbox.enqueue(second, webhook_id="ep-fifo",
+                                          event_data={"who": 2}, ordering_key="k"),
+                           second.commit()))
+        await asyncio.sleep(0.3)
+        assert not done.done()
+        first.commit()
+        await asyncio.wait_for(done, 10)
+    finally:
+        first.close()
+        second.close()
+    places = {orjson.loads(r.payload)["who"]: r.fifo_seq for r in rows(producer)}
+    assert places == {1: 1, 2: 2}

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.cli_support import print_json, with_store
 from worker.core.errors import InvalidEndpoint, WebhookError
 from worker.core.ids import new_id
-from worker.core.models import Endpoint, EndpointPolicy, HttpResult, OutcomeKind
+from worker.core.models import Endpoint, EndpointPolicy, HttpResult, Ordering, OutcomeKind
 from worker.core.netpolicy import refusal_for_url
 from worker.core.sealing import generate_key
 from worker.core.signing import (
@@ -73,6 +73,7 @@ def _endpoint_json(ep: Endpoint, show_secret: bool = False) -> dict[str, Any]:
         "rate_limit": p.rate_limit, "rate_burst": p.rate_burst if p.rate_limit else None,
         "failure_streak": ep.failure_streak, "failing_since": _iso(ep.failing_since),
         "circuit": _circuit(ep), "credential_error": p.credential_error,
+        "ordering": ep.ordering.value,
     }
 
 
@@ -132,7 +133,8 @@ def cmd_endpoints_add(args: argparse.Namespace, settings: Settings) -> int:
                             rate_limit=rate, rate_burst=burst)
     endpoint = Endpoint(id=endpoint_id, url=url, secrets=secrets,
                         event_types=validate_event_types(args.event_type),
-                        description=args.description, policy=policy)
+                        description=args.description, policy=policy,
+                        ordering=Ordering(args.ordering or Ordering.NONE))
     saved = with_store(settings, lambda store: store.add_endpoint(endpoint))
     if args.json:
         print_json(_endpoint_json(saved, show_secret=True))
@@ -164,6 +166,8 @@ def _show_endpoint(ep: Endpoint, show_secret: bool) -> None:
     print(f"  rate limit   {limit}")
     print(f"  in flight    {ep.policy.max_in_flight or 'global default'}")
     print(f"  TLS verify   {'yes' if ep.policy.verify_tls else 'NO (testing only)'}")
+    print("  ordering     " + ("fifo: one at a time per ordering key, in enqueue order"
+                              if ep.ordering is Ordering.FIFO else "none"))
     print(f"  circuit      {data['circuit']}; {ep.failure_streak} failures in a row"
           + (f" since {data['failing_since']}" if ep.failing_since else ""))
     if ep.policy.credential_error:
@@ -225,6 +229,8 @@ def cmd_endpoints_update(args: argparse.Namespace, settings: Settings) -> int:
         changes["max_in_flight"] = validate_max_in_flight(args.max_in_flight) or None
     if args.insecure_skip_tls_verify or args.verify_tls:
         changes["verify_tls"] = bool(args.verify_tls)
+    if args.ordering is not None:
+        changes["ordering"] = args.ordering
     headers = validate_headers(args.header) if args.header or args.clear_headers else None
     if not changes and headers is None:
         raise WebhookError("nothing to change: pass at least one option (see --help)")
@@ -509,6 +515,9 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst", type=int, help="rate-limit burst (default 1)")
     parser.add_argument("--max-in-flight", type=int,
                         help="attempts at once (default WEBHOOKS_PER_ENDPOINT_LIMIT)")
+    parser.add_argument("--ordering", choices=[o.value for o in Ordering],
+                        help="fifo: one delivery at a time per ordering key, in enqueue order "
+                        "(see README 'Ordered delivery'); none: any order (default)")
     parser.add_argument("--insecure-skip-tls-verify", action="store_true",
                         help="do not verify TLS certificates: for testing only")
 

@@ -45,6 +45,7 @@ from worker.core.messages import fan_out_body
 from worker.core.models import Endpoint
 from worker.core.validation import ValidEvent, validate_event
 from worker.db import outbox_store
+from worker.db.intake_rows import delivery_row
 from worker.db.rows import utcnow
 from worker.settings import Settings, get_settings
 
@@ -63,11 +64,9 @@ ID_PREFIX = "msg"
 def _validate(webhook_id: Any, event_data: Any, idempotency_key: Any, ordering_key: Any,
               settings: Settings, event_type: Any = None) -> ValidEvent:
     """One event checked exactly as `.delay()` checks it; raises InvalidEvent."""
-    if ordering_key is not None:
-        raise InvalidEvent("ordering_unsupported",
-                           "ordering_key needs FIFO ordering, which this version lacks")
     return validate_event(webhook_id, event_data, max_payload_bytes=settings.max_payload_bytes,
-                          idempotency_key=idempotency_key, event_type=event_type)
+                          idempotency_key=idempotency_key, event_type=event_type,
+                          ordering_key=ordering_key)
 
 
 def _from_mapping(item: Any, settings: Settings) -> ValidEvent:
@@ -88,8 +87,6 @@ def plan_rows(events: Sequence[ValidEvent], eps: Mapping[str, Endpoint],
               now: datetime) -> list[dict[str, Any]]:
     """The delivery rows for `events`, given their endpoints; raises InvalidEvent (code
     `unknown_endpoint`) for an endpoint that does not exist, before anything is written."""
-    from worker.db.intake_rows import delivery_row
-
     unknown = sorted({ev.webhook_id for ev in events if ev.webhook_id not in eps})
     if unknown:
         names = ", ".join(repr(u) for u in unknown[:5]) + (" …" if len(unknown) > 5 else "")

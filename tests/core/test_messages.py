@@ -49,7 +49,7 @@ def test_single_event_accepts_positional_and_keyword_forms(
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        (("ep", {}, "k", "extra"), {}, "at most 3"),
+        (("ep", {}, "k", "q", "extra"), {}, "at most 4"),
         ((), {"webhook_id": "ep", "event_data": {}, "colour": "red"}, "unknown argument"),
         (("ep",), {"webhook_id": "ep", "event_data": {}}, "given twice"),
         ((), {"webhook_id": "ep"}, "needs webhook_id and event_data"),
@@ -204,8 +204,8 @@ def test_a_bad_single_call_keeps_its_webhook_id() -> None:
 
 
 def test_a_single_call_with_too_many_arguments_is_a_bad_call() -> None:
-    [item] = read(p2_headers(), [["ep", EVENT, "k", "extra"], {}, {}])
-    assert_placeholder(item, f"{TASK_ID}:0", "bad_arguments", "at most 3")
+    [item] = read(p2_headers(), [["ep", EVENT, "k", "q", "extra"], {}, {}])
+    assert_placeholder(item, f"{TASK_ID}:0", "bad_arguments", "at most 4")
 
 
 # message_events: unreadable messages -------------------------------------------------------------

@@ -26,3 +26,35 @@ async def test_accept_commits_dedupes_redelivery_and_records_rejections(
     assert sorted(sender.sent) == sorted(report.accepted)
     assert await store.status_counts() == {"succeeded": 50, "rejected": 2}
     await parts.stop()
+
+
+async def test_fifo_events_are_committed_in_order_and_left_to_the_claim_loop(
+    store: Store, engine_parts: Any
+) -> None:
+    """Nothing of a FIFO endpoint is sent straight from intake: the claim loop hands out
+    each queue's head, and the intake says when there is one to look for."""
+    from worker.core.models import Endpoint, Ordering
+    from worker.core.signing import generate_secret
+    from worker.delivery.intake import Intake, IntakeConfig
+    from worker.settings import Settings
+
+    parts = await engine_parts(store)
+    await store.add_endpoint(Endpoint(id="ep-f", url="http://127.0.0.1:9/",
+                                      secrets=(generate_secret(),), ordering=Ordering.FIFO))
+    woken: list[Any] = []
+    intake = Intake(IntakeConfig.from_settings(Settings(database_url="sqlite://")), store,
+                    parts.scheduler, on_queued=woken.append)
+    items = [Incoming(f"t-{n}:0", EventIn("ep-f", {"n": n}, ordering_key=key))
+             for n, key in enumerate(["a", "b", "a", None])]
+    report = await intake.accept(items)
+    assert len(report.accepted) == 4 and len(woken) == 1
+    assert parts.sender.sent == [] and parts.scheduler.in_flight == 0
+
+    claimed, _ = await parts.sweeper.sweep()
+    assert claimed == 3  # the heads of a, b and the endpoint's unkeyed queue
+    await parts.wait_recorded(3)
+    assert sorted(parts.sender.sent) == sorted(report.accepted[i] for i in (0, 1, 3))
+    await parts.sweeper.sweep()  # the second of queue a, now its head
+    await parts.wait_recorded(4)
+    assert parts.sender.sent[-1] == report.accepted[2]
+    await parts.stop()

@@ -115,6 +115,22 @@ async def test_outcomes_flush_within_flush_interval(
     assert writer.stats["recorded"] == 5
 
 
+async def test_the_end_of_a_fifo_queue_head_is_written_at_once(
+    writer_settings, start_writer, make_delivery, until, fake_clock
+):
+    """Its queue's next delivery waits for this outcome: no gathering for the interval."""
+    from dataclasses import replace
+
+    recorder = FakeRecorder()
+    writer = start_writer(writer_settings(flush_size=1000, flush_interval=30.0), recorder)
+    writer.add(record_of(make_delivery(), fake_clock.now()))  # unordered: waits
+    await asyncio.sleep(0.05)
+    assert recorder.records == []
+    head = replace(make_delivery(), ordering_key="partner-7")
+    writer.add(record_of(head, fake_clock.now()))
+    await until(lambda: len(recorder.records) == 2, 3.0)  # both, long before 30 s
+
+
 async def test_store_unavailable_then_back_loses_and_duplicates_nothing(
     writer_settings, start_writer, make_delivery, until, fake_clock
 ):

@@ -15,7 +15,7 @@ from typing import Any
 from worker.core.errors import InvalidEvent
 from worker.core.models import REJECTED_EXCERPT_BYTES, EventIn, Incoming
 
-SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key")
+SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key", "ordering_key")
 FAN_OUT_FIELDS = ("event_type", "data", "idempotency_key")
 
 
@@ -24,7 +24,7 @@ def single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -
     args, kwargs = tuple(args or ()), dict(kwargs or {})
     if len(args) > len(SINGLE_FIELDS):
         raise InvalidEvent("bad_arguments", f"deliver_event takes at most {len(SINGLE_FIELDS)} "
-                           "arguments: webhook_id, event_data, idempotency_key")
+                           "arguments: webhook_id, event_data, idempotency_key, ordering_key")
     fields = dict(zip(SINGLE_FIELDS, args, strict=False))
     unknown = set(kwargs) - set(SINGLE_FIELDS)
     if unknown:
@@ -36,7 +36,8 @@ def single_event(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -
     fields.update(kwargs)
     if "webhook_id" not in fields or "event_data" not in fields:
         raise InvalidEvent("bad_arguments", "deliver_event needs webhook_id and event_data")
-    return EventIn(fields["webhook_id"], fields["event_data"], fields.get("idempotency_key"))
+    return EventIn(fields["webhook_id"], fields["event_data"], fields.get("idempotency_key"),
+                   ordering_key=fields.get("ordering_key"))
 
 
 def event_from_mapping(item: Any) -> EventIn:

@@ -62,6 +62,12 @@ class EventIn:
     event_data: Any
     idempotency_key: Any = None
     event_type: Any = None
+    ordering_key: Any = None  # FIFO endpoints: the queue within the endpoint
+
+
+class Ordering(enum.StrEnum):
+    NONE = "none"  # any order, as much in parallel as the limits allow
+    FIFO = "fifo"  # one at a time per ordering key, in enqueue order
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,7 @@ class Endpoint:
     failure_streak: int = 0  # consecutive failed attempts, shared by all workers
     failing_since: datetime | None = None  # first failure after the last success
     circuit_open_until: datetime | None = None  # None: closed
+    ordering: Ordering = Ordering.NONE
 
     def subscribes_to(self, event_type: str | None) -> bool:
         return not self.event_types or event_type in self.event_types
@@ -151,6 +158,7 @@ class Delivery:
     lease_until: float | None = None  # time.time() after which another worker may claim it
     policy: EndpointPolicy = DEFAULT_POLICY
     enqueued_at: float | None = None  # unix time its row was committed (delivery latency)
+    ordering_key: str | None = None  # set on a FIFO endpoint's deliveries: its queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from worker.core.models import (
     ENDPOINT_ID_MAX,
     EVENT_TYPE_MAX,
     IDEMPOTENCY_KEY_MAX,
+    ORDERING_KEY_MAX,
     REJECTED_EXCERPT_BYTES,
 )
 
@@ -27,6 +28,7 @@ class ValidEvent:
     payload: bytes  # the exact body, serialised once
     event_type: str | None
     idempotency_key: str | None
+    ordering_key: str | None = None
 
 
 def _optional_text(value: Any, name: str, limit: int) -> str | None:
@@ -99,13 +101,15 @@ def validate_event(
     max_payload_bytes: int,
     idempotency_key: Any = None,
     event_type: Any = None,
+    ordering_key: Any = None,
 ) -> ValidEvent:
     """One event checked and serialised; raises InvalidEvent with a stable `code`."""
     endpoint_id = check_webhook_id(webhook_id)
     key = _optional_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX)
     explicit_type = _optional_text(event_type, "event_type", EVENT_TYPE_MAX)
+    queue = _optional_text(ordering_key, "ordering_key", ORDERING_KEY_MAX)
     body = encode_payload(event_data, max_payload_bytes)
-    return ValidEvent(endpoint_id, body, explicit_type or event_type_of(event_data), key)
+    return ValidEvent(endpoint_id, body, explicit_type or event_type_of(event_data), key, queue)
 
 
 def validate_endpoint_id(value: str) -> str:

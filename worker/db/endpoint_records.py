@@ -18,15 +18,16 @@ from worker.core.credentials import (
     seal_credentials,
 )
 from worker.core.errors import EndpointNotFound, InvalidEndpoint, SealError, StoreUnavailable
-from worker.core.models import DeliveryStatus, Endpoint
+from worker.core.models import DeliveryStatus, Endpoint, Ordering
 from worker.core.sealing import KeyRing, sealed_key_id
 from worker.core.signing import parse_signing_keys
+from worker.db.fifo import UNFINISHED
 from worker.db.rows import UNAVAILABLE, endpoint_from_row, utcnow
 from worker.db.schema import deliveries, endpoints
 
 # Columns `update_endpoint` may change directly (credentials go through their own methods).
 UPDATABLE = frozenset({"url", "event_types", "description", "verify_tls", "max_in_flight",
-                       "rate_limit", "rate_burst"})
+                       "rate_limit", "rate_burst", "ordering"})
 # Rows re-sealed per transaction by `reseal`.
 RESEAL_CHUNK = 500
 # Tries of a credentials change that finds the row changed under it.
@@ -102,6 +103,7 @@ class EndpointRecords:
             "rate_limit": p.rate_limit,
             "rate_burst": p.rate_burst if p.rate_limit is not None else None,
             "failure_streak": 0,
+            "ordering": endpoint.ordering.value,
         }
         try:
             async with self.engine.begin() as conn:
@@ -115,8 +117,19 @@ class EndpointRecords:
         unknown = set(changes) - UPDATABLE
         if unknown:
             raise InvalidEndpoint(f"cannot change {', '.join(sorted(unknown))} this way")
+        if "ordering" in changes:
+            changes["ordering"] = Ordering(changes["ordering"]).value
         if changes:
             await self._update(endpoint_id, **changes)
+        if changes.get("ordering") == Ordering.NONE.value:
+            # Unordered from now on: what was queued goes as it is due, nothing waits.
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.endpoint_id == endpoint_id,
+                           deliveries.c.ordering_key.is_not(None),
+                           deliveries.c.status.in_(UNFINISHED))
+                    .values(ordering_key=None, fifo_seq=None))
         return await self.get_endpoint(endpoint_id)
 
     async def set_headers(self, endpoint_id: str, headers: Iterable[tuple[str, str]]) -> None:

@@ -23,12 +23,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.core.ids import new_id
 from worker.core.models import DeliveryStatus, OutcomeKind
+from worker.db.fifo import requeue
 from worker.db.rows import utcnow
 from worker.db.schema import UTCDateTime, attempts, deliveries
 
 # What `resend` copies: a delivery that was settled one way or the other.
 RESENDABLE = (DeliveryStatus.SUCCEEDED.value, DeliveryStatus.FAILED.value)
 REPLAY_CHUNK = 1000
+# What `fifo.requeue` needs of a replayed or resent row.
+QUEUE_PLACE = (deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.ordering_key,
+               deliveries.c.fifo_seq)
 
 _a = attempts.alias("a")
 # Correlated with the outer `deliveries` row: every attempt recorded for it, across replays.
@@ -99,8 +103,10 @@ class DeliveryHistory:
                 .where(deliveries.c.id.in_(list(ids)),
                        deliveries.c.status == DeliveryStatus.FAILED.value)
                 .values(**self._replay_values(now))
-                .returning(deliveries.c.id))
-            return list(result.scalars())
+                .returning(*QUEUE_PLACE))
+            replayed = list(result)
+            await requeue(conn, replayed)
+            return [row.id for row in replayed]
 
     async def replay_failed(
         self, *, endpoint_id: str | None = None, since: datetime | None = None,
@@ -133,7 +139,8 @@ class DeliveryHistory:
                     .where(deliveries.c.id.in_(batch.scalar_subquery()),
                            deliveries.c.status == DeliveryStatus.FAILED.value)
                     .values(**self._replay_values(utcnow()))
-                    .returning(deliveries.c.created_at, deliveries.c.id)))
+                    .returning(deliveries.c.created_at, *QUEUE_PLACE)))
+                await requeue(conn, rows)
             if not rows:
                 break
             replayed += len(rows)
@@ -154,15 +161,17 @@ class DeliveryHistory:
         source = select(
             literal(copy_id), deliveries.c.endpoint_id, deliveries.c.event_type,
             null(), deliveries.c.payload, literal(DeliveryStatus.PENDING.value), literal(0),
-            now, now, now,
+            now, now, now, deliveries.c.ordering_key,
         ).where(deliveries.c.id == delivery_id, deliveries.c.status.in_(RESENDABLE))
         columns = ["id", "endpoint_id", "event_type", "idempotency_key", "payload", "status",
-                   "attempts", "next_attempt_at", "created_at", "updated_at"]
+                   "attempts", "next_attempt_at", "created_at", "updated_at", "ordering_key"]
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 insert(deliveries).from_select(columns, source, include_defaults=False)
-                .returning(deliveries.c.id, deliveries.c.endpoint_id))
+                .returning(*QUEUE_PLACE))
             made = result.first()
+            if made is not None:
+                await requeue(conn, [made])
         return None if made is None else (str(made.id), str(made.endpoint_id))
 
     async def delivery_statuses(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:

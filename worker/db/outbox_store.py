@@ -21,7 +21,9 @@ from sqlalchemy import func, inspect, select, tuple_, update
 from sqlalchemy.engine import Connection, Engine
 
 from worker.core.errors import OutboxError
-from worker.core.models import Endpoint
+from worker.core.models import Endpoint, Ordering
+from worker.db.fifo import number_fifo_rows_sync
+from worker.db.intake_rows import insert_ignoring_duplicates
 from worker.db.schema import deliveries, endpoints
 
 # Each engine's claim loop LISTENs on this channel (worker/delivery/waker.py). PostgreSQL
@@ -103,18 +105,11 @@ _ENDPOINT_COLUMNS = (endpoints.c.id, endpoints.c.url, endpoints.c.event_types,
 def endpoint_summary(row: Any) -> Endpoint:
     """An `Endpoint` with what intake decides on (enabled, circuit, event types, ordering)
     and no secrets: the row's credentials are never read, so producers need no key."""
-    ep = Endpoint(id=row.id, url=row.url, secrets=(),
-                  event_types=tuple(row.event_types or ()), enabled=bool(row.enabled),
-                  disabled_reason=row.disabled_reason, circuit_open_until=row.circuit_open_until)
-    if hasattr(ep, "ordering"):  # FIFO ordering (part 2) reads it from the endpoint
-        ep = _with_ordering(ep, row.ordering)
-    return ep
-
-
-def _with_ordering(ep: Endpoint, ordering: Any) -> Endpoint:
-    from dataclasses import replace
-
-    return replace(ep, ordering=ordering)  # type: ignore[call-arg,unused-ignore]
+    return Endpoint(id=row.id, url=row.url, secrets=(),
+                    event_types=tuple(row.event_types or ()), enabled=bool(row.enabled),
+                    disabled_reason=row.disabled_reason,
+                    circuit_open_until=row.circuit_open_until,
+                    ordering=Ordering(row.ordering or Ordering.NONE))
 
 
 def read_endpoints(conn: Connection, ids: Iterable[str]) -> dict[str, Endpoint]:
@@ -137,10 +132,9 @@ def read_subscribed(conn: Connection, event_type: str) -> list[Endpoint]:
 def insert_rows(conn: Connection, rows: Sequence[dict[str, Any]],
                 idempotency_cutoff: datetime) -> set[str]:
     """Insert delivery rows, skipping those whose (endpoint, idempotency key) was used inside
-    the window; returns the ids inserted. On PostgreSQL, wakes the workers on commit."""
-    from worker.db.fifo import number_fifo_rows_sync
-    from worker.db.intake_rows import insert_ignoring_duplicates
-
+    the window; returns the ids inserted. FIFO rows get their places in their queues (under
+    the queues' locks, held until the producer's transaction ends). On PostgreSQL, wakes the
+    workers on commit."""
     if not rows:
         return set()
     keyed = sorted({(row["endpoint_id"], row["idempotency_key"]) for row in rows

@@ -9,7 +9,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker.core.credentials import open_credentials
 from worker.core.errors import SealError
-from worker.core.models import Endpoint, EndpointPolicy
+from worker.core.models import Endpoint, EndpointPolicy, Ordering
 from worker.core.sealing import KeyRing
 
 # What a database that is away (or refusing) raises.
@@ -51,4 +51,5 @@ def endpoint_from_row(row: Any, keys: KeyRing) -> Endpoint:
         failure_streak=row.failure_streak or 0,
         failing_since=row.failing_since,
         circuit_open_until=row.circuit_open_until,
+        ordering=Ordering(getattr(row, "ordering", None) or Ordering.NONE),
     )

@@ -113,7 +113,9 @@ deliveries = Table(
     Index("ix_deliveries_endpoint", "endpoint_id", "created_at"),
     Index("uq_deliveries_idempotency", "endpoint_id", "idempotency_key", unique=True),
     Index("ix_deliveries_task", "task_id"),
-    Index("ix_deliveries_fifo", "endpoint_id", "ordering_key", "fifo_seq"),
+    # Status before place: "is anything still unsent ahead of me" and "the last unsent
+    # place" are then a probe or two, however long the queue's history.
+    Index("ix_deliveries_fifo", "endpoint_id", "ordering_key", "status", "fifo_seq"),
 )
 
 attempts = Table(

@@ -6,12 +6,11 @@ history (listing, replay, cleanup) live beside it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, insert, literal, or_, select, true, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, bindparam, case, exists, insert, literal, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.core.errors import StoreUnavailable
@@ -27,7 +26,6 @@ from worker.core.health import (
     should_disable,
 )
 from worker.core.models import (
-    ENDPOINT_ID_MAX,
     AttemptRecord,
     Delivery,
     DeliveryStatus,
@@ -37,7 +35,9 @@ from worker.core.models import (
 )
 from worker.core.sealing import KeyRing
 from worker.db.endpoint_records import EndpointRecords
+from worker.db.fifo import UNFINISHED, number_fifo_rows
 from worker.db.history import DeliveryHistory
+from worker.db.intake_rows import insert_ignoring_duplicates, rejection_row, row_defaults
 from worker.db.rows import UNAVAILABLE, utcnow
 from worker.db.schema import UTCDateTime, attempts, deliveries, endpoints
 from worker.settings import Settings
@@ -66,39 +66,33 @@ class Store(EndpointRecords, DeliveryHistory):
 
     # -- intake ----------------------------------------------------------------------------
 
-    def _insert_ignoring_duplicates(self) -> Any:
-        if self._dialect == "postgresql":
-            return postgresql.insert(deliveries).on_conflict_do_nothing()
-        if self._dialect == "sqlite":
-            return sqlite.insert(deliveries).on_conflict_do_nothing()
-        raise StoreUnavailable(f"idempotency keys need PostgreSQL or SQLite, not {self._dialect}")
-
     async def insert_intake(
         self,
         rows: Sequence[dict[str, Any]],
         rejections: Sequence[tuple[str, Rejection]],
         *,
-        lease_until: datetime,
+        lease: Collection[str] | None = None,
+        lease_until: datetime | None = None,
         idempotency_cutoff: datetime,
     ) -> set[str]:
-        """Commit new pending deliveries (leased to the caller) and rejections, in one transaction.
+        """Commit new deliveries and rejections, in one transaction.
 
+        `rows` come from `intake_rows.delivery_row` (missing columns take its defaults). The
+        ones whose id is in `lease` (every one when `lease` is None, unless the row says
+        otherwise) are leased to the caller until `lease_until`. FIFO rows get their places
+        in their queues here.
         Returns the ids actually inserted. A row is left out when its id exists already (the
         broker redelivered its message) or its (endpoint, idempotency key) was used inside the
         idempotency window.
         """
         now = utcnow()
-        base = {"status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
-                "locked_until": lease_until, "created_at": now, "updated_at": now,
-                "last_status_code": None, "last_error": None}
-        fresh = [{**base, **row} for row in rows]
-        fresh += [
-            {**base, "id": row_id, "endpoint_id": r.webhook_id[:ENDPOINT_ID_MAX],
-             "event_type": r.event_type, "idempotency_key": None, "payload": r.payload,
-             "status": DeliveryStatus.REJECTED.value, "next_attempt_at": None,
-             "locked_until": None, "last_error": f"{r.code}: {r.message}"}
-            for row_id, r in rejections
-        ]
+        base = {**row_defaults(now), "locked_until": lease_until}
+        if lease is None:
+            fresh = [{**base, **row} for row in rows]
+        else:
+            fresh = [{**base, **row, "locked_until": lease_until if row["id"] in lease else None}
+                     for row in rows]
+        fresh += [rejection_row(row_id, r, now) for row_id, r in rejections]
         if not fresh:
             return set()
         keys = sorted({row["idempotency_key"] for row in rows if row["idempotency_key"]})
@@ -112,7 +106,8 @@ class Store(EndpointRecords, DeliveryHistory):
                                deliveries.c.created_at < idempotency_cutoff)
                         .values(idempotency_key=None)
                     )
-                stmt = self._insert_ignoring_duplicates().returning(deliveries.c.id)
+                await number_fifo_rows(conn, fresh)
+                stmt = insert_ignoring_duplicates(self._dialect).returning(deliveries.c.id)
                 result = await conn.execute(stmt, fresh)
                 return {row_id for (row_id,) in result}
         except UNAVAILABLE as exc:
@@ -131,6 +126,14 @@ class Store(EndpointRecords, DeliveryHistory):
         now = utcnow()
         lease_until = now + timedelta(seconds=lease_seconds)
         open_circuits = select(endpoints.c.id).where(endpoints.c.circuit_open_until > now)
+        ahead = deliveries.alias("ahead")
+        # A FIFO delivery goes only once nothing before it in its queue is still to be sent
+        # (pending, retrying or held): one at a time per queue, in order.
+        queue_head = or_(deliveries.c.fifo_seq.is_(None), ~exists().where(
+            ahead.c.endpoint_id == deliveries.c.endpoint_id,
+            ahead.c.ordering_key == deliveries.c.ordering_key,
+            ahead.c.fifo_seq < deliveries.c.fifo_seq,
+            ahead.c.status.in_(UNFINISHED)))
         due = (
             select(deliveries.c.id)
             .where(
@@ -138,6 +141,7 @@ class Store(EndpointRecords, DeliveryHistory):
                 deliveries.c.next_attempt_at <= now,
                 or_(deliveries.c.locked_until.is_(None), deliveries.c.locked_until < now),
                 deliveries.c.endpoint_id.not_in(open_circuits),
+                queue_head,
             )
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
@@ -150,7 +154,7 @@ class Store(EndpointRecords, DeliveryHistory):
             .returning(
                 deliveries.c.id, deliveries.c.endpoint_id, deliveries.c.payload,
                 deliveries.c.attempts, deliveries.c.event_type, deliveries.c.next_attempt_at,
-                deliveries.c.created_at, deliveries.c.retry_base,
+                deliveries.c.created_at, deliveries.c.retry_base, deliveries.c.ordering_key,
             )
         )
         async with self.engine.begin() as conn:
@@ -182,7 +186,7 @@ class Store(EndpointRecords, DeliveryHistory):
                 payload=row.payload, attempts=row.attempts, event_type=row.event_type,
                 retry_base=row.retry_base, lease_until=lease_until.timestamp(),
                 policy=ep.policy,
-                enqueued_at=row.created_at.timestamp(),
+                enqueued_at=row.created_at.timestamp(), ordering_key=row.ordering_key,
             ))
         await self._set_aside(dead, held, waiting, now)
         return ready, len(dead)

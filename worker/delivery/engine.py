@@ -50,7 +50,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig.from_settings(settings), self.sender,
                                    self.writer, rand=rand, clock=clock, limiter=self.limiter)
         self.intake = Intake(IntakeConfig.from_settings(settings), self.store, self.scheduler,
-                             clock=clock)
+                             clock=clock, on_queued=lambda when: self.sweeper.due_at(when))
         self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler,
                                clock=clock)
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
@@ -125,8 +125,12 @@ class Engine:
                 attempts_log.log(level, attempt_line(record, of))
 
     def _wake_for_retries(self, records: Sequence[AttemptRecord]) -> None:
-        """Retries just scheduled here are claimed at their time, not at the next poll."""
+        """Retries just scheduled here are claimed at their time, not at the next poll; so is
+        the next delivery of a FIFO queue whose head just ended."""
         due = [r.next_attempt_at for r in records if r.next_attempt_at is not None]
+        if any(r.delivery.ordering_key is not None and r.next_attempt_at is None
+               for r in records):
+            due.append(self._clock.now())
         if due:
             self.sweeper.due_at(min(due))
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.core.errors import InvalidEvent
-from worker.core.health import CIRCUIT_WAIT
 from worker.core.ids import derived_id
 from worker.core.messages import fan_out_body
 from worker.core.models import (
     ENDPOINT_ID_MAX,
     AcceptReport,
     Delivery,
-    DeliveryStatus,
     EventIn,
     Incoming,
     Refusal,
@@ -25,6 +23,7 @@ from worker.core.models import (
     usable_endpoint,
 )
 from worker.core.validation import ValidEvent, rejected_payload, validate_event
+from worker.db.intake_rows import delivery_row
 from worker.db.store import Store
 from worker.delivery.scheduler import Scheduler
 from worker.settings import Settings
@@ -58,11 +57,13 @@ def _endpoint_id_for_record(value: Any) -> str:
 
 class Intake:
     def __init__(self, config: IntakeConfig, store: Store, scheduler: Scheduler, *,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK,
+                 on_queued: Callable[[datetime], object] | None = None) -> None:
         self.config = config
         self.store = store
         self.scheduler = scheduler
         self._clock = clock
+        self._on_queued = on_queued  # FIFO deliveries were committed, due at the time given
 
     def _check(self, item: Incoming) -> ValidEvent | Rejection:
         e = item.event
@@ -74,6 +75,7 @@ class Intake:
             return validate_event(
                 e.webhook_id, e.event_data, max_payload_bytes=self.config.max_payload_bytes,
                 idempotency_key=e.idempotency_key, event_type=e.event_type,
+                ordering_key=e.ordering_key,
             )
         except InvalidEvent as exc:
             return Rejection(
@@ -94,6 +96,7 @@ class Intake:
         eps = await self.store.endpoints_by_id(ev.webhook_id for _, ev in valid)
         rows: list[dict[str, Any]] = []
         pending: list[Delivery] = []
+        queued = False  # FIFO rows among them: the claim loop hands out their queues' heads
         now = self._clock.now()
         for mid, ev in valid:
             ep = usable_endpoint(ev.webhook_id, eps.get(ev.webhook_id))
@@ -104,26 +107,20 @@ class Intake:
                 continue
             endpoint = eps[ev.webhook_id]
             delivery_id = derived_id("msg", mid, endpoint.id)
-            row: dict[str, Any] = {
-                "id": delivery_id, "endpoint_id": endpoint.id, "event_type": ev.event_type,
-                "idempotency_key": ev.idempotency_key, "payload": ev.payload}
-            if isinstance(ep, Refusal):
-                # Kept, not refused: it is sent once the endpoint is enabled again.
-                row.update(status=DeliveryStatus.HELD.value, next_attempt_at=None,
-                           locked_until=None, last_error=ep.message)
-            elif endpoint.circuit_open_until is not None:
-                # The circuit decides when; the sweep hands it out then, no attempt before.
-                row.update(next_attempt_at=max(endpoint.circuit_open_until, now),
-                           locked_until=None, last_error=CIRCUIT_WAIT)
-            else:
+            new = delivery_row(delivery_id, ev, endpoint, now)
+            if new.send_now:
                 pending.append(Delivery(id=delivery_id, endpoint_id=endpoint.id,
                                         url=endpoint.url,
                                         secrets=endpoint.signing_secrets(now),
                                         payload=ev.payload, event_type=ev.event_type,
                                         policy=endpoint.policy, enqueued_at=now.timestamp()))
-            rows.append(row)
+            elif new.row["ordering_key"] is not None:
+                queued = True
+            rows.append(new.row)
         report = await self._commit(rows, pending, rejections)
         report.duplicates += len(items) - len(unique)
+        if queued and self._on_queued is not None:
+            self._on_queued(now)
         return report
 
     async def _commit(self, rows: list[dict[str, Any]], pending: list[Delivery],
@@ -138,6 +135,7 @@ class Intake:
         inserted = await self.store.insert_intake(
             rows,
             [(derived_id("msg", mid, REJECTION_SUFFIX), r) for mid, r in rejections],
+            lease={d.id for d in pending},
             lease_until=lease_until,
             idempotency_cutoff=now - timedelta(seconds=c.idempotency_window),
         )

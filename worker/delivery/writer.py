@@ -79,7 +79,11 @@ class OutcomeWriter:
 
     def add(self, record: AttemptRecord) -> None:
         self._unwritten.append(record)
-        if len(self._unwritten) >= self.config.flush_size and not self._failing:
+        # A FIFO queue's next delivery waits for this one's outcome: no gathering for it.
+        ends_queue_head = record.delivery.ordering_key is not None and (
+            record.next_attempt_at is None)
+        if (len(self._unwritten) >= self.config.flush_size or ends_queue_head) and (
+                not self._failing):
             self._flush_now.set()
 
     def on_health(self, listener: HealthChanged) -> None:

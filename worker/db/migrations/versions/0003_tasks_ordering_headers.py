@@ -26,7 +26,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("ordering_key", sa.String(ORDERING_KEY_MAX)))
         batch.add_column(sa.Column("fifo_seq", sa.BigInteger))
     op.create_index("ix_deliveries_task", "deliveries", ["task_id"])
-    op.create_index("ix_deliveries_fifo", "deliveries", ["endpoint_id", "ordering_key", "fifo_seq"])
+    op.create_index("ix_deliveries_fifo", "deliveries",
+                    ["endpoint_id", "ordering_key", "status", "fifo_seq"])
     with op.batch_alter_table("attempts") as batch:
         batch.add_column(sa.Column("request_headers", sa.JSON))
 
