@@ -332,6 +332,7 @@ async def read_database(settings: Settings, now: datetime | None = None) -> Data
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
+    from worker.db.fifo import at_queue_head
     from worker.db.schema import deliveries as d
     from worker.db.schema import endpoints as e
 
@@ -354,7 +355,7 @@ async def read_database(settings: Settings, now: datetime | None = None) -> Data
     open_circuits = select(e.c.id).where(e.c.circuit_open_until > now)
     due_where = (d.c.status == DeliveryStatus.PENDING.value, d.c.next_attempt_at <= now,
                  or_(d.c.locked_until.is_(None), d.c.locked_until < now),
-                 d.c.endpoint_id.not_in(open_circuits))
+                 d.c.endpoint_id.not_in(open_circuits), at_queue_head())
     statuses = list(DeliveryStatus)
     counts = select(*(capped(d.c.status == s.value).label(s.value) for s in statuses),
                     capped(*due_where).label("due"))

@@ -278,3 +278,14 @@ async def test_concurrent_producers_of_one_queue_get_distinct_ordered_places(
     for n in range(20):
         mine = [places[f"b{n:02d}-{i}"][1] for i in range(5)]
         assert mine == sorted(mine)  # type: ignore[type-var]
+
+
+async def test_waiting_behind_a_retrying_head_is_not_due_backlog(store: Store) -> None:
+    """The backlog alert reads `oldest_due`: a queue held by its retrying head is waiting by
+    contract, not left behind."""
+    await _fifo_endpoint(store)
+    await _enqueue(store, _queued("d1"), _queued("d2"))
+    await _answer(store, (await _claim(store))["d1"], 500)  # retries in 1 s
+    assert await store.oldest_due(_now()) is None
+    await _make_due(store, "d1")
+    assert await store.oldest_due(_now()) is not None  # the head itself, due and unclaimed

@@ -35,7 +35,7 @@ class Hit:
 @dataclass
 class OrderedReceiver:
     """Answers a path's first `fail_first[path]` requests with 500, then 200, each after
-    `delay[path]` seconds; notes which event (`key`, `n`) every request carried."""
+    `delay[path]` seconds; notes on arrival which event (`key`, `n`) each request carried."""
 
     port: int = 0
     hits: list[Hit] = field(default_factory=list)
@@ -53,13 +53,13 @@ class OrderedReceiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         event = json.loads(await request.read())
-        await asyncio.sleep(self.delay.get(request.path, 0.0))
         with self.lock:
             self._counts[request.path] += 1
             status = 500 if self._counts[request.path] <= self.fail_first.get(
                 request.path, 0) else 200
             self.hits.append(Hit(request.path, event.get("key", ""), event["n"], time.time(),
                                  status))
+        await asyncio.sleep(self.delay.get(request.path, 0.0))
         return web.Response(status=status)
 
 
@@ -180,3 +180,28 @@ def test_fifo_queues_run_side_by_side_at_the_receivers_pace(
         assert mine == list(range(per_key)), f"queue {key} out of order: {mine}"
     assert solo_rate >= 6.0, f"one key: {solo_rate:.1f}/s"
     assert many_rate >= 4 * solo_rate, f"{keys} keys: {many_rate:.1f}/s vs {solo_rate:.1f}/s"
+
+
+def test_a_worker_killed_with_the_head_in_flight_loses_nothing_and_keeps_the_order(
+    database_url: str, ordered: OrderedReceiver, start_worker: Any
+) -> None:
+    """SIGKILL while a queue's head is being sent: nothing behind it goes until its lease
+    runs out and another worker sends it again; then the rest, in order."""
+    path = f"/crash-{time.time_ns()}"
+    ordered.delay[path] = 1.5
+    _fifo_endpoint(database_url, "ep-crash", ordered.url(path))
+    first = start_worker(database_url, WEBHOOKS_LEASE_SECONDS="4",
+                         WEBHOOKS_REQUEST_TIMEOUT="3", WEBHOOKS_CLAIM_INTERVAL="0.5")
+    total = 6
+    _send_in_order(database_url, "ep-crash", [{"n": n} for n in range(total)], per_message=total)
+    wait_until(lambda: ordered.to(path), 20, "the head's first request")
+    first.kill()
+    ordered.delay[path] = 0.0
+    start_worker(database_url, WEBHOOKS_LEASE_SECONDS="4", WEBHOOKS_REQUEST_TIMEOUT="3",
+                 WEBHOOKS_CLAIM_INTERVAL="0.5")
+    wait_until(lambda: status_counts(database_url, "ep-crash") == Counter(
+        {"succeeded": total}), 60, "every event delivered after the crash")
+    sent = [h.n for h in ordered.to(path)]
+    print(f"\nrequests after a SIGKILL with the head in flight: {sent}")
+    # The head twice (the dead worker's answer was never recorded), then each once, in order.
+    assert sent == [0, 0, *range(1, total)]

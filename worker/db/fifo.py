@@ -11,7 +11,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, bindparam, func, select, text, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import TextClause
@@ -27,6 +39,17 @@ _LOCK_QUEUES = text(
     "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(q, 0) AS h "
     "FROM unnest(CAST(:queues AS text[])) AS q ORDER BY h) AS locks"
 )
+
+
+def at_queue_head() -> ColumnElement[bool]:
+    """True for a delivery that may go now as far as ordering goes: unordered, or nothing
+    before it in its FIFO queue is still to be sent (pending, retrying or held)."""
+    ahead = deliveries.alias("ahead")
+    return or_(deliveries.c.fifo_seq.is_(None), ~exists().where(
+        ahead.c.endpoint_id == deliveries.c.endpoint_id,
+        ahead.c.ordering_key == deliveries.c.ordering_key,
+        ahead.c.fifo_seq < deliveries.c.fifo_seq,
+        ahead.c.status.in_(UNFINISHED)))
 
 
 def fifo_queues(rows: Sequence[Mapping[str, Any]]) -> list[Queue]:

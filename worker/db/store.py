@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, insert, literal, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, insert, literal, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.core.errors import StoreUnavailable
@@ -35,7 +35,7 @@ from worker.core.models import (
 )
 from worker.core.sealing import KeyRing
 from worker.db.endpoint_records import EndpointRecords
-from worker.db.fifo import UNFINISHED, number_fifo_rows
+from worker.db.fifo import at_queue_head, number_fifo_rows
 from worker.db.history import DeliveryHistory
 from worker.db.intake_rows import insert_ignoring_duplicates, rejection_row, row_defaults
 from worker.db.rows import UNAVAILABLE, utcnow
@@ -126,14 +126,6 @@ class Store(EndpointRecords, DeliveryHistory):
         now = utcnow()
         lease_until = now + timedelta(seconds=lease_seconds)
         open_circuits = select(endpoints.c.id).where(endpoints.c.circuit_open_until > now)
-        ahead = deliveries.alias("ahead")
-        # A FIFO delivery goes only once nothing before it in its queue is still to be sent
-        # (pending, retrying or held): one at a time per queue, in order.
-        queue_head = or_(deliveries.c.fifo_seq.is_(None), ~exists().where(
-            ahead.c.endpoint_id == deliveries.c.endpoint_id,
-            ahead.c.ordering_key == deliveries.c.ordering_key,
-            ahead.c.fifo_seq < deliveries.c.fifo_seq,
-            ahead.c.status.in_(UNFINISHED)))
         due = (
             select(deliveries.c.id)
             .where(
@@ -141,7 +133,7 @@ class Store(EndpointRecords, DeliveryHistory):
                 deliveries.c.next_attempt_at <= now,
                 or_(deliveries.c.locked_until.is_(None), deliveries.c.locked_until < now),
                 deliveries.c.endpoint_id.not_in(open_circuits),
-                queue_head,
+                at_queue_head(),  # FIFO: one at a time per queue, in order
             )
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
@@ -212,7 +204,8 @@ class Store(EndpointRecords, DeliveryHistory):
                     .where(deliveries.c.status == DeliveryStatus.PENDING.value,
                            deliveries.c.next_attempt_at <= now,
                            or_(deliveries.c.locked_until.is_(None),
-                               deliveries.c.locked_until < now))
+                               deliveries.c.locked_until < now),
+                           at_queue_head())  # waiting behind a FIFO head is no backlog
                     .order_by(deliveries.c.next_attempt_at).limit(1))).scalar()
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"could not read the oldest due time: {exc}") from exc

@@ -52,7 +52,7 @@ CLEANUP_MARGIN = 10
 
 def _producer_check(event: EventIn) -> None:
     validate_event(event.webhook_id, event.event_data, max_payload_bytes=settings.max_payload_bytes,
-                   idempotency_key=event.idempotency_key)
+                   idempotency_key=event.idempotency_key, ordering_key=event.ordering_key)
 
 
 def _summary(report: AcceptReport) -> dict[str, Any]:
@@ -159,13 +159,17 @@ def deliver_webhook_event(
     webhook_id: str,
     event_data: dict[str, Any],
     idempotency_key: str | None = None,
+    ordering_key: str | None = None,
 ) -> dict[str, Any]:
     """Deliver one event to endpoint `webhook_id`: `.delay(webhook_id=..., event_data=...)`.
+
+    `ordering_key` picks the queue on a FIFO endpoint (default: one queue per endpoint).
 
     Runs as a task only in a worker without an event loop; otherwise the strategy above
     takes the message.
     """
-    item = Incoming(f"{self.request.id}:0", EventIn(webhook_id, event_data, idempotency_key))
+    item = Incoming(f"{self.request.id}:0", EventIn(webhook_id, event_data, idempotency_key,
+                                                    ordering_key=ordering_key))
     try:
         return _summary(get_runtime().accept_blocking([item]))
     except Exception as exc:
