@@ -107,6 +107,8 @@ def test_waker_only_for_postgresql_with_a_claim_loop() -> None:
     assert waker_for(Settings(claim_interval=0), pg, lambda: None) is None
     assert waker_for(Settings(), make_url("sqlite+aiosqlite:///x.db"), lambda: None) is None
     assert listen_dsn(pg) == "postgresql://u:pw@h:5433/db"
+    tuned = make_url("postgresql+asyncpg://u@h/db?prepared_statement_cache_size=0&sslmode=require")
+    assert listen_dsn(tuned) == "postgresql://u@h/db?sslmode=require"
 
 
 def test_claim_poll_is_short_on_sqlite_only() -> None:

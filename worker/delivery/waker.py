@@ -43,9 +43,15 @@ def claim_poll(settings: Settings, dialect: str) -> float:
     return interval
 
 
+# Query options of SQLAlchemy's asyncpg dialect that asyncpg.connect itself does not take.
+SQLALCHEMY_ONLY_OPTIONS = ("prepared_statement_cache_size", "prepared_statement_name_func",
+                           "async_fallback")
+
+
 def listen_dsn(url: URL) -> str:
     """A libpq-style DSN for asyncpg from the worker's SQLAlchemy URL."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    plain = url.set(drivername="postgresql").difference_update_query(SQLALCHEMY_ONLY_OPTIONS)
+    return plain.render_as_string(hide_password=False)
 
 
 class Waker:
