@@ -158,11 +158,14 @@ def _check_alive(procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Path])
 
 
 def analyse(
-    snap: Snapshot, ranges: Sequence[Sequence[int]], t0: float, slow_endpoints: int = 0
+    snap: Snapshot, ranges: Sequence[Sequence[int]], t0: float, slow_endpoints: int = 0,
+    commits: Sequence[Sequence[float]] = (),
 ) -> dict[str, Any]:
     """Turn receiver records into per-event facts for the published ``ranges``.
 
     ``fast_rate`` is the steady rate of events bound for endpoints not made slow.
+    ``commits`` ([first seq, end seq, seconds after ``bench.t``], outbox modes) move each
+    event's latency start from ``bench.t`` to its transaction's commit.
     """
     top = max((r[1] for r in ranges), default=0)
     published = bytearray(top)
@@ -193,7 +196,12 @@ def analyse(
     fast = sorted(first[s] for s in first if ep_of[s] >= slow_endpoints)
     t_start, t_end, inside = steady_window(times)
     rate = inside / (t_end - t_start) if t_end > t_start else 0.0
-    lat = sorted((first[s] - enq[s]) * 1000.0 for s in first if t_start <= first[s] <= t_end)
+    committed_after = {}
+    for a, b, delay in commits:
+        for seq in range(int(a), int(b)):
+            committed_after[seq] = delay
+    lat = sorted((first[s] - enq[s] - committed_after.get(s, 0.0)) * 1000.0
+                 for s in first if t_start <= first[s] <= t_end)
     return {
         "ok": len(ok_count),
         "failed": len(first) - len(ok_count),
@@ -310,8 +318,9 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
             time.sleep(0.1)
             samples.append((time.time(), count_done()))
             bar.update(samples[-1][1], "drain")
+        commits = [c for o in outs for c in o.get("commits", ())]
         result = _finish(ctx, mode, label, setup, published, ranges, t0, deadline, samples,
-                         enqueue_rate, r)
+                         enqueue_rate, r, commits)
         usage = sampler.stop()
         sampler = None
         wall = time.time() - t0
@@ -408,7 +417,7 @@ def _read_json(p: subprocess.Popen[bytes]) -> dict[str, Any]:
 def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
             ranges: list[list[int]], t0: float, deadline: float,
             samples: list[tuple[float, int]], enqueue_rate: float,
-            r: redis.Redis) -> ModeResult:
+            r: redis.Redis, commits: Sequence[Sequence[float]] = ()) -> ModeResult:
     """Build the ledger and the figures once the drain is over."""
     if mode == "celery-noop":
         done = int(r.get("bench:done") or 0)
@@ -423,7 +432,7 @@ def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
     # Receiver modes: wait until every published event was seen once, then analyse.
     while True:
         snap = ctx.receiver.snapshot()
-        facts = analyse(snap, ranges, t0, ctx.args.slow_endpoints)
+        facts = analyse(snap, ranges, t0, ctx.args.slow_endpoints, commits)
         if facts["seen"] >= published or time.time() >= deadline:
             break
         time.sleep(0.5)
