@@ -318,7 +318,8 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
             time.sleep(0.1)
             samples.append((time.time(), count_done()))
             bar.update(samples[-1][1], "drain")
-        commits = [c for o in outs for c in o.get("commits", ())]
+        commits = [c for o in outs if o.get("commits_file")
+                   for c in orjson.loads(Path(o["commits_file"]).read_bytes())]
         result = _finish(ctx, mode, label, setup, published, ranges, t0, deadline, samples,
                          enqueue_rate, r, commits)
         usage = sampler.stop()
@@ -378,6 +379,7 @@ def _producer_config(ctx: Context, mode: str, rate: float | None) -> dict[str, A
         "warmup_id": db.WARMUP_ENDPOINT,
         "warmup_url": ctx.warmup_url,
         "db_url": db.sync_url(ctx.db_url),
+        "commits_dir": str(ctx.logdir),
     }
 
 

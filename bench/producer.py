@@ -10,10 +10,12 @@ outside the measured interval.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -194,8 +196,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "errors": errors,
         "t_first": t_first,
         "t_last": t_last,
-        "commits": COMMITS,
+        "commits_file": _save_commits(cfg),
     }
+
+
+def _save_commits(cfg: dict[str, Any]) -> str | None:
+    """COMMITS go to a file, not stdout: the parent reads stdout only once every producer
+    has exited, so a result past the pipe's buffer would block the producer for ever."""
+    if not COMMITS or not cfg.get("commits_dir"):
+        return None
+    path = Path(cfg["commits_dir"]) / f"commits-{os.getpid()}-{time.time_ns()}.json"
+    path.write_bytes(orjson.dumps(COMMITS))
+    return str(path)
 
 
 def _add(ranges: list[list[int]], a: int, b: int) -> None:
