@@ -23,6 +23,13 @@ def describe(url: str) -> str:
     return make_url(url).get_backend_name()
 
 
+def sync_url(url: str) -> str:
+    """The same database through a synchronous driver, as an outbox producer uses it."""
+    u = make_url(url)
+    driver = "postgresql+psycopg" if u.get_backend_name() == "postgresql" else "sqlite"
+    return u.set(drivername=driver).render_as_string(hide_password=False)
+
+
 def check_disposable(url: str) -> None:
     """Refuse to wipe a database that is not obviously the bench's own."""
     u = make_url(url)

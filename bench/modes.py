@@ -38,7 +38,12 @@ from bench.procs import (
 from bench.receiver import ReceiverPool, Snapshot
 from bench.report import BUCKET_SECONDS, ModeResult
 
-ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline")
+ALL_MODES = ("engine", "celery-noop", "single", "batch", "baseline", "outbox", "outbox1")
+# Modes whose workers are the real worker with its database.
+DB_MODES = ("single", "batch", "outbox", "outbox1")
+# Outbox modes: producers write rows in their own transactions, no broker message; events
+# per transaction.
+OUTBOX_EVENTS = {"outbox": 100, "outbox1": 1}
 RSS_FLAT_FROM = 100_000  # events delivered when the RSS-flatness target starts counting
 WARMUP_EP_INDEX = 65000  # path /ep/65000: never a slow endpoint
 
@@ -126,13 +131,16 @@ def worker_commands(ctx: Context, mode: str) -> tuple[list[list[str]], str]:
         cmds = [[*tool("celery"), "-A", app, *base, "--pool", "prefork", "-c",
                  str(a.baseline_concurrency), "-n", "plain@%h"]]
         return cmds, f"1 process, prefork {a.baseline_concurrency}, requests.Session, no db"
-    app = "worker.celery_app" if mode in ("single", "batch") else "bench.baselines.noop_celery"
+    app = "worker.celery_app" if mode in DB_MODES else "bench.baselines.noop_celery"
     pool = ["--pool", a.pool] + (["-c", str(a.concurrency)] if a.pool != "solo" else [])
     cmds = [[*tool("celery"), "-A", app, *base, *pool, "-n", f"bench{i}@%h"]
             for i in range(a.workers)]
     pool_desc = "solo" if a.pool == "solo" else f"{a.pool} {a.concurrency}"
     extra = f", {a.batch_size} events/message" if mode == "batch" else ""
-    dbd = f", db {db.describe(ctx.db_url)}" if mode in ("single", "batch") else ", no db"
+    if mode in OUTBOX_EVENTS:
+        extra = (f", outbox: {OUTBOX_EVENTS[mode]} event(s)/transaction, no broker message, "
+                 "claimed on NOTIFY (PostgreSQL) or poll (SQLite)")
+    dbd = f", db {db.describe(ctx.db_url)}" if mode in DB_MODES else ", no db"
     return cmds, f"{a.workers} worker process(es), {pool_desc}{extra}{dbd}, {a.producers} producers"
 
 
@@ -150,11 +158,14 @@ def _check_alive(procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Path])
 
 
 def analyse(
-    snap: Snapshot, ranges: Sequence[Sequence[int]], t0: float, slow_endpoints: int = 0
+    snap: Snapshot, ranges: Sequence[Sequence[int]], t0: float, slow_endpoints: int = 0,
+    commits: Sequence[Sequence[float]] = (),
 ) -> dict[str, Any]:
     """Turn receiver records into per-event facts for the published ``ranges``.
 
     ``fast_rate`` is the steady rate of events bound for endpoints not made slow.
+    ``commits`` ([first seq, end seq, seconds after ``bench.t``], outbox modes) move each
+    event's latency start from ``bench.t`` to its transaction's commit.
     """
     top = max((r[1] for r in ranges), default=0)
     published = bytearray(top)
@@ -185,7 +196,12 @@ def analyse(
     fast = sorted(first[s] for s in first if ep_of[s] >= slow_endpoints)
     t_start, t_end, inside = steady_window(times)
     rate = inside / (t_end - t_start) if t_end > t_start else 0.0
-    lat = sorted((first[s] - enq[s]) * 1000.0 for s in first if t_start <= first[s] <= t_end)
+    committed_after = {}
+    for a, b, delay in commits:
+        for seq in range(int(a), int(b)):
+            committed_after[seq] = delay
+    lat = sorted((first[s] - enq[s] - committed_after.get(s, 0.0)) * 1000.0
+                 for s in first if t_start <= first[s] <= t_end)
     return {
         "ok": len(ok_count),
         "failed": len(first) - len(ok_count),
@@ -218,7 +234,7 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
     label = label or mode
     r = ctx.redis
     r.flushdb()
-    uses_db = mode in ("single", "batch")
+    uses_db = mode in DB_MODES
     if uses_db:
         if not ctx.db_ready:
             db.recreate(ctx.db_url)
@@ -302,8 +318,10 @@ def run_celery_mode(ctx: Context, mode: str, rate: float | None = None,
             time.sleep(0.1)
             samples.append((time.time(), count_done()))
             bar.update(samples[-1][1], "drain")
+        commits = [c for o in outs if o.get("commits_file")
+                   for c in orjson.loads(Path(o["commits_file"]).read_bytes())]
         result = _finish(ctx, mode, label, setup, published, ranges, t0, deadline, samples,
-                         enqueue_rate, r)
+                         enqueue_rate, r, commits)
         usage = sampler.stop()
         sampler = None
         wall = time.time() - t0
@@ -344,6 +362,8 @@ def _producer_config(ctx: Context, mode: str, rate: float | None) -> dict[str, A
     per = (rate or 0.0) / a.producers
     if mode == "batch":
         chunk = a.batch_size if not per else max(1, min(a.batch_size, int(per * 0.02)))
+    elif mode == "outbox":  # paced: a transaction per 20 ms of events, at most 100
+        chunk = 100 if not per else max(1, min(100, int(per * 0.02)))
     else:
         chunk = 100 if not per else max(1, min(100, int(per * 0.05)))
     return {
@@ -358,6 +378,8 @@ def _producer_config(ctx: Context, mode: str, rate: float | None) -> dict[str, A
         "endpoint_urls": ctx.endpoint_urls,
         "warmup_id": db.WARMUP_ENDPOINT,
         "warmup_url": ctx.warmup_url,
+        "db_url": db.sync_url(ctx.db_url),
+        "commits_dir": str(ctx.logdir),
     }
 
 
@@ -365,7 +387,8 @@ def _warm_up(ctx: Context, mode: str, pcfg: dict[str, Any], env: dict[str, str],
              procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Path]) -> None:
     """Publish warm-up events and wait until all are through (workers up and hot)."""
     n = ctx.args.warmup
-    cfg = {**pcfg, "warmup": n, "chunk": min(pcfg["chunk"], 100) if mode == "batch" else 100}
+    cfg = {**pcfg, "warmup": n,
+           "chunk": min(pcfg["chunk"], 100) if mode in ("batch", "outbox") else 100}
     p = ctx.children.start([sys.executable, "-m", "bench.producer", orjson.dumps(cfg).decode()],
                            env, stdout=subprocess.PIPE)
     _read_json(p)
@@ -396,7 +419,7 @@ def _read_json(p: subprocess.Popen[bytes]) -> dict[str, Any]:
 def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
             ranges: list[list[int]], t0: float, deadline: float,
             samples: list[tuple[float, int]], enqueue_rate: float,
-            r: redis.Redis) -> ModeResult:
+            r: redis.Redis, commits: Sequence[Sequence[float]] = ()) -> ModeResult:
     """Build the ledger and the figures once the drain is over."""
     if mode == "celery-noop":
         done = int(r.get("bench:done") or 0)
@@ -411,7 +434,7 @@ def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
     # Receiver modes: wait until every published event was seen once, then analyse.
     while True:
         snap = ctx.receiver.snapshot()
-        facts = analyse(snap, ranges, t0, ctx.args.slow_endpoints)
+        facts = analyse(snap, ranges, t0, ctx.args.slow_endpoints, commits)
         if facts["seen"] >= published or time.time() >= deadline:
             break
         time.sleep(0.5)
@@ -427,7 +450,7 @@ def _finish(ctx: Context, mode: str, label: str, setup: str, published: int,
             if sender_total >= facts["seen"] or time.time() > settle:
                 break
             time.sleep(0.1)
-    elif mode in ("single", "batch"):
+    elif mode in DB_MODES:
         settle = time.time() + 15
         while True:  # outcomes are written after the answer: let them land
             db_status = db.status_counts(ctx.db_url)

@@ -10,10 +10,12 @@ outside the measured interval.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -54,6 +56,8 @@ def _publisher(cfg: dict[str, Any]) -> Callable[[list[tuple[int, float]]], None]
             )
 
         return pub_batch
+    if mode in ("outbox", "outbox1"):
+        return _outbox_publisher(cfg, pad)
     if mode == "celery-noop":
         from bench.baselines.noop_celery import noop
 
@@ -73,6 +77,43 @@ def _publisher(cfg: dict[str, Any]) -> Callable[[list[tuple[int, float]]], None]
 
         return pub_plain
     raise ValueError(f"unknown mode {mode}")
+
+
+def _outbox_publisher(cfg: dict[str, Any], pad: str) -> Callable[[list[tuple[int, float]]], None]:
+    """Transactions writing rows with `worker.outbox.enqueue_many`: the whole chunk in one
+    (`outbox`), or one transaction per event (`outbox1`).
+
+    `bench.t` is stamped just before the transaction starts; each commit's delay after it
+    goes to COMMITS, and the report measures latency from the commit.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from worker import outbox
+
+    ids: list[str] = cfg["endpoint_ids"]
+    n_ep = len(ids)
+    engine = create_engine(cfg["db_url"])
+
+    def commit(items: list[tuple[int, float]]) -> None:
+        t = time.time()
+        with Session(engine) as session, session.begin():
+            outbox.enqueue_many(session, [
+                {"webhook_id": ids[seq % n_ep], "event_data": event(seq, t, pad)}
+                for seq, _ in items])
+        # How long after `bench.t` the transaction committed: the latency is then measured
+        # from the commit (commit -> first byte), not from the transaction's start.
+        COMMITS.append([items[0][0], items[-1][0] + 1, time.time() - t])
+
+    def pub_outbox1(items: list[tuple[int, float]]) -> None:
+        for item in items:
+            commit([item])
+
+    return commit if cfg["mode"] == "outbox" else pub_outbox1
+
+
+# Outbox modes: [first seq, end seq, commit time - bench.t] of each transaction committed.
+COMMITS: list[list[float]] = []
 
 
 def _warm_ids(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +169,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 else:
                     items.append((seq, time.time()))
                 k += 1
-                if rate > 0 and cfg["mode"] != "batch":
+                if rate > 0 and cfg["mode"] not in ("batch", "outbox"):
                     try:
                         publish(items)
                         _add(ranges, items[0][0], items[0][0] + 1)
@@ -155,7 +196,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "errors": errors,
         "t_first": t_first,
         "t_last": t_last,
+        "commits_file": _save_commits(cfg),
     }
+
+
+def _save_commits(cfg: dict[str, Any]) -> str | None:
+    """COMMITS go to a file, not stdout: the parent reads stdout only once every producer
+    has exited, so a result past the pipe's buffer would block the producer for ever."""
+    if not COMMITS or not cfg.get("commits_dir"):
+        return None
+    path = Path(cfg["commits_dir"]) / f"commits-{os.getpid()}-{time.time_ns()}.json"
+    path.write_bytes(orjson.dumps(COMMITS))
+    return str(path)
 
 
 def _add(ranges: list[list[int]], a: int, b: int) -> None:

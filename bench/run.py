@@ -29,13 +29,22 @@ from sqlalchemy.engine import make_url
 
 from bench import db, report
 from bench.ledger import parse_status_mix
-from bench.modes import ALL_MODES, Context, make_logdir, run_celery_mode, run_engine_mode
+from bench.modes import (
+    ALL_MODES,
+    DB_MODES,
+    Context,
+    make_logdir,
+    run_celery_mode,
+    run_engine_mode,
+)
 from bench.procs import Children
 from bench.receiver import ReceiverConfig, ReceiverPool, free_port, measure_capacity
 from worker.core.sealing import generate_key
 
 QUICK = {"events": 20_000, "duration": 2.5, "drain_timeout": 15.0, "warmup": 100,
          "capacity_seconds": 0.5, "engine_chunk": 5_000}
+# Modes run again at half their measured rate under --compare, for latency.
+HALF_RATE_MODES = ("single", "outbox")
 FULL = {"events": 1_000_000, "duration": 25.0, "drain_timeout": 60.0, "warmup": 1000,
         "capacity_seconds": 2.0, "engine_chunk": 20_000}
 
@@ -50,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--modes", help="comma-separated subset for --compare")
     what.add_argument("--quick", action="store_true", help="short run (< 1 minute)")
     what.add_argument("--no-half-rate", action="store_true",
-                      help="--compare: skip single at half its measured rate (p99 target)")
+                      help="--compare: skip single and outbox at half their measured rates "
+                           "(p99 targets)")
     what.add_argument("--receiver-capacity", action="store_true",
                       help="only measure the receiver's capacity and exit")
     size = p.add_argument_group("sizing (defaults depend on --quick)")
@@ -83,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wk.add_argument("--log-level", default="WARNING")
     infra = p.add_argument_group("infrastructure")
     infra.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
-                       help="database of single/batch; its name must contain 'bench' "
+                       help="database of single/batch/outbox; its name must contain 'bench' "
                             "(default: $DATABASE_URL, else a temporary SQLite file)")
     infra.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
                        help="broker for every Celery mode; FLUSHED at each mode")
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(modes) - set(ALL_MODES)
         if unknown:
             raise SystemExit(f"unknown mode(s): {', '.join(sorted(unknown))}")
-        if {"single", "batch"} & set(modes):
+        if set(DB_MODES) & set(modes):
             db.check_disposable(ctx.db_url)
         results: list[report.ModeResult] = []
         failures: list[str] = []
@@ -212,17 +222,19 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             print(f"    {res.rate:,.0f} deliveries/s, ledger {res.ledger.verdict}",
                   file=sys.stderr)
-        single = next((r for r in results if r.label == "single"), None)
         quiet = not (args.latency_ms or args.fail_ratio or args.slow_ratio
                      or args.slow_endpoints or args.status_mix)
-        if (args.compare and not args.no_half_rate and single is not None and not single.void
-                and single.rate > 0 and not args.rate and quiet):
-            print("--- single@half", file=sys.stderr)
-            try:
-                results.append(run_celery_mode(ctx, "single", rate=single.rate / 2,
-                                               label="single@half"))
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                failures.append(f"single@half: FAILED: {exc}")
+        for base in HALF_RATE_MODES:  # the latency targets: each at half the rate it reached
+            measured = next((r for r in results if r.label == base), None)
+            if (args.compare and not args.no_half_rate and measured is not None
+                    and not measured.void and measured.rate > 0 and not args.rate and quiet):
+                label = f"{base}@half"
+                print(f"--- {label}", file=sys.stderr)
+                try:
+                    results.append(run_celery_mode(ctx, base, rate=measured.rate / 2,
+                                                   label=label))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    failures.append(f"{label}: FAILED: {exc}")
         faults = "".join([
             f", fail {args.fail_ratio:g}" if args.fail_ratio else "",
             f", slow {args.slow_ratio:g}x{args.slow_seconds:g}s" if args.slow_ratio else "",

@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(300.0, gt=0, validation_alias=_env("WEBHOOKS_SWEEP_INTERVAL"))
     claim_interval: float = Field(
         2.0, ge=0, validation_alias=_env("WEBHOOKS_CLAIM_INTERVAL"))  # 0: beat's sweep only
+    # SQLite has no NOTIFY: outbox rows committed by another process are claimed within this.
+    outbox_poll: float = Field(0.25, ge=0, validation_alias=_env("WEBHOOKS_OUTBOX_POLL"))
     sweep_limit: int = Field(2000, ge=1, validation_alias=_env("WEBHOOKS_SWEEP_LIMIT"))
     retention_days: float = Field(90.0, gt=0, validation_alias=_env("WEBHOOKS_RETENTION_DAYS"))
     cleanup_chunk: int = Field(5000, ge=1, validation_alias=_env("WEBHOOKS_CLEANUP_CHUNK"))

@@ -49,6 +49,11 @@ class EngineUnavailable(WebhookError):
     """The delivery engine of this process is not running or did not answer in time."""
 
 
+class OutboxError(WebhookError):
+    """The producer's database cannot take outbox deliveries: not the worker's database, not
+    migrated to this code's schema, or a dialect the worker does not run on."""
+
+
 # Failures that mean "not committed, keep the work and try again later".
 NOT_COMMITTED = (StoreUnavailable, EngineUnavailable, TimeoutError, OSError)
 # Work that fails this often for any other reason (a bug) is given up on, visibly.

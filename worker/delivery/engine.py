@@ -22,6 +22,7 @@ from worker.delivery.rescuer import RescueConfig, Rescuer
 from worker.delivery.scheduler import Scheduler, SchedulerConfig
 from worker.delivery.sender import Sender, SenderConfig
 from worker.delivery.sweeper import SweepConfig, Sweeper
+from worker.delivery.waker import claim_poll, waker_for
 from worker.delivery.writer import OutcomeWriter, WriterConfig
 from worker.settings import Settings
 
@@ -53,6 +54,8 @@ class Engine:
         self.sweeper = Sweeper(SweepConfig.from_settings(settings), self.store, self.scheduler,
                                clock=clock)
         self.gatherer = Gatherer(GatherConfig.from_settings(settings), self.intake.accept)
+        # Outbox rows committed by producers wake the claim loop (PostgreSQL NOTIFY).
+        self.waker = waker_for(settings, self.db.url, lambda: self.sweeper.due_at(clock.now()))
         self.writer.on_written(self._log_attempts)
         self.writer.on_written(self._wake_for_retries)
         operator = OperatorConfig.from_settings(settings)
@@ -74,7 +77,9 @@ class Engine:
         self.gatherer.start()
         self.metrics.start()
         if self.settings.claim_interval > 0:
-            self.sweeper.start_claiming(self.settings.claim_interval)
+            self.sweeper.start_claiming(claim_poll(self.settings, self.db.dialect.name))
+        if self.waker is not None:
+            self.waker.start()
         if self.operator is not None:
             self.operator.start()
         self._stats_task = asyncio.create_task(self._log_stats(), name="webhooks-stats")
@@ -88,6 +93,8 @@ class Engine:
         if self.rescuer is not None:
             await self.rescuer.close()
         await self.gatherer.close()
+        if self.waker is not None:
+            await self.waker.close()
         await self.sweeper.close()
         if self.operator is not None:
             await self.operator.close()
