@@ -90,13 +90,13 @@ class Store(EndpointRecords, DeliveryHistory):
         now = utcnow()
         base = {"status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
                 "locked_until": lease_until, "created_at": now, "updated_at": now,
-                "last_status_code": None, "last_error": None}
+                "last_status_code": None, "last_error": None, "task_id": None}
         fresh = [{**base, **row} for row in rows]
         fresh += [
             {**base, "id": row_id, "endpoint_id": r.webhook_id[:ENDPOINT_ID_MAX],
              "event_type": r.event_type, "idempotency_key": None, "payload": r.payload,
              "status": DeliveryStatus.REJECTED.value, "next_attempt_at": None,
-             "locked_until": None, "last_error": f"{r.code}: {r.message}"}
+             "locked_until": None, "last_error": f"{r.code}: {r.message}", "task_id": r.task_id}
             for row_id, r in rejections
         ]
         if not fresh:

@@ -12,7 +12,7 @@ from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.core.errors import InvalidEvent
 from worker.core.health import CIRCUIT_WAIT
 from worker.core.ids import derived_id
-from worker.core.messages import fan_out_body
+from worker.core.messages import fan_out_body, task_id_of
 from worker.core.models import (
     ENDPOINT_ID_MAX,
     AcceptReport,
@@ -106,7 +106,8 @@ class Intake:
             delivery_id = derived_id("msg", mid, endpoint.id)
             row: dict[str, Any] = {
                 "id": delivery_id, "endpoint_id": endpoint.id, "event_type": ev.event_type,
-                "idempotency_key": ev.idempotency_key, "payload": ev.payload}
+                "idempotency_key": ev.idempotency_key, "payload": ev.payload,
+                "task_id": task_id_of(mid)}
             if isinstance(ep, Refusal):
                 # Kept, not refused: it is sent once the endpoint is enabled again.
                 row.update(status=DeliveryStatus.HELD.value, next_attempt_at=None,
@@ -135,6 +136,8 @@ class Intake:
                         c.accept_timeout / 2, len(pending))
         now = self._clock.now()
         lease_until = now + timedelta(seconds=c.lease_seconds)
+        # Each rejection names its task, so `deliveries show <task id>` finds it too.
+        rejections = [(mid, replace(r, task_id=task_id_of(mid))) for mid, r in rejections]
         inserted = await self.store.insert_intake(
             rows,
             [(derived_id("msg", mid, REJECTION_SUFFIX), r) for mid, r in rejections],
@@ -146,7 +149,8 @@ class Intake:
         self.scheduler.submit(fresh)
         accepted = [row["id"] for row in rows if row["id"] in inserted]
         report = AcceptReport(accepted=accepted, duplicates=len(rows) - len(accepted),
-                              rejected=[r for _, r in rejections])
+                              rejected=[r for _, r in rejections],
+                              task_of={row["id"]: row["task_id"] for row in rows})
         for rejection in report.rejected:
             log.warning("rejected event for %s: %s: %s", rejection.webhook_id, rejection.code,
                         rejection.message)
