@@ -18,9 +18,10 @@ app.conf.update(
     broker_url=settings.broker_url,
     # Kombu's Redis transport, hardened against what it may find on the queue.
     broker_transport=TRANSPORT if settings.broker_url.startswith("redis://") else None,
-    # Without a backend, .get() says which setting to configure (Celery's own error does not).
+    # Without a backend, .get() says which setting to configure (Celery's own error does
+    # not); results are not ignored, or .get() would return None without a word.
     result_backend=settings.result_backend or "worker.monitoring:NoResultBackend",
-    task_ignore_result=settings.result_backend is None,
+    task_ignore_result=False,
     # Task events for Flower and celery-exporter; single events send theirs from the
     # consumer (worker.monitoring), as Celery never runs them as tasks.
     worker_send_task_events=settings.task_events,

@@ -113,6 +113,8 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
         events.received(message.headers)
         task_id = task_id_of(items[0].message_id) if items else None
         started = time.monotonic()
+        # As Celery does: a producer without a result backend asks for none to be stored.
+        keep = results is not None and not _header(message.headers, "ignore_result")
 
         def settle(part: AcceptReport) -> None:
             # On the engine thread, once the commit landed: the ack and the events go to the
@@ -122,12 +124,16 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
                 return
             result = acceptance(part)
             call_soon(events.settled, task_id, result, started)
-            if results is not None:
+            if keep and results is not None:
                 results.put(task_id, result)
 
         runtime.gather_threadsafe(items, settle)
 
     return on_message
+
+
+def _header(headers: Any, name: str) -> Any:
+    return headers.get(name) if isinstance(headers, Mapping) else None
 
 
 _results: ResultRecorder | None = None
