@@ -14,6 +14,8 @@ from celery.worker import state as worker_state
 from worker.celery_app import app
 from worker.core.models import AcceptReport, Rejection
 from worker.monitoring import (
+    FLUSH_EVENTS,
+    FLUSH_INTERVAL,
     NO_BACKEND,
     REPR_MAX,
     NoResultBackend,
@@ -80,9 +82,18 @@ class FakeDispatcher:
         self.sent.append((kind, fields))
 
 
+class FakeHub:
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any]] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.later.append((delay, callback))
+
+
 class FakeConsumer:
     def __init__(self, dispatcher: FakeDispatcher | None) -> None:
         self.event_dispatcher = dispatcher
+        self.hub = FakeHub()
 
 
 def test_task_events_send_and_count() -> None:
@@ -90,18 +101,38 @@ def test_task_events_send_and_count() -> None:
     consumer = FakeConsumer(dispatcher)
     events = TaskEvents(consumer, NAME, send_events=True)
     total, per_name = worker_state.all_total_count[0], worker_state.total_count[NAME]
+    before = time.time()
     events.received({"id": "t1", "argsrepr": "()", "kwargsrepr": "{}"})
     events.settled("t1", {"accepted": ["msg_1"], "duplicates": 0, "rejected": []},
                    time.monotonic() - 0.1)
+    # Sent together, once, a little later, on the consumer's loop, stamped when they happened.
+    assert dispatcher.sent == []
+    [(delay, flush)] = consumer.hub.later
+    assert delay == FLUSH_INTERVAL
+    time.sleep(0.01)
+    flush()
     assert [kind for kind, _ in dispatcher.sent] == ["task-received", "task-succeeded"]
     assert dispatcher.sent[1][1]["runtime"] >= 0.1
+    assert all(before <= fields["timestamp"] < time.time() - 0.005
+               for _, fields in dispatcher.sent)
     # `inspect stats` reports these counters as "total".
     assert worker_state.all_total_count[0] == total + 1
     assert worker_state.total_count[NAME] == per_name + 1
     # The consumer's dispatcher is looked up each time: a reconnect replaces it.
     consumer.event_dispatcher = replacement = FakeDispatcher()
     events.received({"id": "t2"})
+    events.flush()
     assert [kind for kind, _ in replacement.sent] == ["task-received"]
+
+
+def test_many_events_are_sent_without_waiting() -> None:
+    dispatcher = FakeDispatcher()
+    consumer = FakeConsumer(dispatcher)
+    events = TaskEvents(consumer, NAME, send_events=True)
+    for n in range(FLUSH_EVENTS):
+        events.received({"id": f"t{n}"})
+    assert len(dispatcher.sent) == FLUSH_EVENTS
+    assert len(consumer.hub.later) == 1  # one flush was scheduled, and finds nothing left
 
 
 @pytest.mark.parametrize("dispatcher", [None, FakeDispatcher(enabled=False)])
@@ -111,6 +142,7 @@ def test_no_events_without_an_enabled_dispatcher_but_still_counted(
     total = worker_state.all_total_count[0]
     events.received({"id": "t1"})
     events.settled("t1", {"accepted": ["x"]}, time.monotonic())
+    events.flush()
     assert worker_state.all_total_count[0] == total + 1
     assert dispatcher is None or dispatcher.sent == []
 
@@ -119,6 +151,7 @@ def test_a_task_that_sends_no_events_sends_none() -> None:
     dispatcher = FakeDispatcher()
     events = TaskEvents(FakeConsumer(dispatcher), NAME, send_events=False)
     events.received({"id": "t1"})
+    events.flush()
     assert dispatcher.sent == []
 
 

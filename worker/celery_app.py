@@ -25,7 +25,7 @@ app.conf.update(
     # Task events for Flower and celery-exporter; single events send theirs from the
     # consumer (worker.monitoring), as Celery never runs them as tasks.
     worker_send_task_events=settings.task_events,
-    task_send_sent_event=settings.task_events,
+    task_send_sent_event=settings.task_sent_events,
     # Above the hard time limit, so no running task is handed to a second worker.
     broker_transport_options=_transport,
     result_backend_transport_options=_transport,

@@ -36,6 +36,9 @@ REPR_MAX = 1024
 # Acceptances waiting to be stored in the result backend, per process, before some are
 # dropped (with a warning): the backend must never hold up acknowledgements.
 RESULT_QUEUE_MAX = 10_000
+# Task events are sent together at most this late (s), or once this many are waiting.
+FLUSH_INTERVAL = 0.1
+FLUSH_EVENTS = 500
 # Seconds between two warnings about results that could not be stored.
 WARN_EVERY = 60.0
 
@@ -85,14 +88,18 @@ class TaskEvents:
     """Celery task events and counts for one task's gathered messages.
 
     Every method runs on the consumer thread: the event dispatcher is not thread-safe, and
-    the consumer replaces it when the broker connection is restarted, so it is looked up on
-    each call.
+    the consumer replaces it when the broker connection is restarted, so it is looked up at
+    each flush. Events are stamped when they happen and sent together every
+    FLUSH_INTERVAL (or FLUSH_EVENTS): Celery would publish them once per loop turn, which
+    for one message a turn is one broker round trip per event.
     """
 
     def __init__(self, consumer: Any, task_name: str, send_events: bool) -> None:
         self._consumer = consumer
         self._name = task_name
         self._send_events = send_events
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._flush_due = False
 
     def _dispatcher(self) -> Any:
         dispatcher = getattr(self._consumer, "event_dispatcher", None)
@@ -101,20 +108,35 @@ class TaskEvents:
         return dispatcher
 
     def received(self, headers: Any) -> None:
-        dispatcher = self._dispatcher()
-        if dispatcher is None:
+        if self._dispatcher() is None:
             return
         fields = received_fields(self._name, headers)
         if fields is not None:
-            dispatcher.send("task-received", **fields)
+            self._queue("task-received", fields)
 
     def settled(self, task_id: str, result: Mapping[str, Any], started: float) -> None:
-        """Count the task as done (for `inspect stats`) and send how it ended."""
+        """Count the task as done (for `inspect stats`) and report how it ended."""
         worker_state.total_count[self._name] += 1
         worker_state.all_total_count[0] += 1
+        if self._dispatcher() is not None:
+            self._queue(*outcome_event(task_id, result, time.monotonic() - started))
+
+    def _queue(self, kind: str, fields: dict[str, Any]) -> None:
+        self._pending.append((kind, {**fields, "timestamp": time.time()}))
+        if len(self._pending) >= FLUSH_EVENTS:
+            self.flush()
+        elif not self._flush_due:
+            self._flush_due = True
+            self._consumer.hub.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        """Hand every queued event to the dispatcher at once (one broker message)."""
+        self._flush_due = False
+        pending, self._pending = self._pending, []
         dispatcher = self._dispatcher()
-        if dispatcher is not None:
-            kind, fields = outcome_event(task_id, result, time.monotonic() - started)
+        if dispatcher is None:
+            return
+        for kind, fields in pending:
             dispatcher.send(kind, **fields)
 
 
