@@ -656,3 +656,16 @@ def test_stats_keeps_its_shape(cli_db: str, capsys: pytest.CaptureFixture[str]) 
     assert code == 0
     assert [line.split() for line in out.splitlines()] == [
         ["pending", "0"], ["held", "1"], ["succeeded", "0"], ["failed", "2"], ["rejected", "0"]]
+
+
+def test_a_reader_that_stopped_reading_is_not_a_database_error(
+        cli_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`webhooks deliveries show … | head -5`: the pipe closed early, nothing to report."""
+    import worker.cli_deliveries as module
+
+    def closed_pipe(*_: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(module, "cmd_deliveries_stats", closed_pipe)
+    code, _, err = _run(capsys, "deliveries", "stats")
+    assert (code, err) == (0, "")
