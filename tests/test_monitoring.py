@@ -74,8 +74,9 @@ def test_received_fields_from_the_headers_only_strings_and_cut() -> None:
 
 
 class FakeDispatcher:
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, groups: set[str] | None = None) -> None:
         self.enabled = enabled
+        self.groups = groups
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
     def send(self, kind: str, **fields: Any) -> None:
@@ -145,6 +146,20 @@ def test_no_events_without_an_enabled_dispatcher_but_still_counted(
     events.flush()
     assert worker_state.all_total_count[0] == total + 1
     assert dispatcher is None or dispatcher.sent == []
+
+
+def test_task_events_off_until_enabled_by_remote_control() -> None:
+    """A worker started with task events off sends none, and costs nothing, until
+    `celery control enable_events` (Flower sends it) adds the task group."""
+    dispatcher = FakeDispatcher(groups={"worker"})
+    consumer = FakeConsumer(dispatcher)
+    events = TaskEvents(consumer, NAME, send_events=True)
+    events.received({"id": "t1"})
+    assert consumer.hub.later == []
+    dispatcher.groups.add("task")  # what celery.worker.control.enable_events does
+    events.received({"id": "t2"})
+    events.flush()
+    assert [fields["uuid"] for _, fields in dispatcher.sent] == ["t2"]
 
 
 def test_a_task_that_sends_no_events_sends_none() -> None:

@@ -105,7 +105,9 @@ class TaskEvents:
         dispatcher = getattr(self._consumer, "event_dispatcher", None)
         if not self._send_events or dispatcher is None or not dispatcher.enabled:
             return None
-        return dispatcher
+        # Task events off (WEBHOOKS_TASK_EVENTS=false) until `celery control enable_events`.
+        groups = dispatcher.groups
+        return None if groups and "task" not in groups else dispatcher
 
     def received(self, headers: Any) -> None:
         if self._dispatcher() is None:
