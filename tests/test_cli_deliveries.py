@@ -214,7 +214,7 @@ def test_list_json_fields(cli_db: str, capsys: pytest.CaptureFixture[str]) -> No
     _seed(cli_db, {"id": "d1", "idempotency_key": "k-1"})
     _attempt(cli_db, {"d1": HTTP_500}, schedule=(0.0, 0.0))
     [row] = _json(capsys, "deliveries", "list")
-    assert set(row) == {"id", "status", "endpoint_id", "event_type", "idempotency_key",
+    assert set(row) == {"id", "task_id", "status", "endpoint_id", "event_type", "idempotency_key",
                         "attempts", "retry_attempts", "next_attempt_at", "last_status_code",
                         "last_error", "last_outcome", "created_at", "updated_at"}
     assert (row["status"], row["attempts"], row["retry_attempts"]) == ("pending", 1, 1)
@@ -348,6 +348,54 @@ def test_show_unknown_id(cli_db: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert "no delivery with id 'msg_nope'" in _assert_error(
         _run(capsys, "deliveries", "show", "msg_nope"))
     _assert_error(_run(capsys, "deliveries", "show", "msg_nope", "--json"))
+
+
+def test_show_by_the_task_id_of_a_single_event(cli_db: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`.delay()` returned a task id: `show <task id>` shows the one delivery it became."""
+    _endpoint(cli_db)
+    _seed(cli_db, {"id": "msg_one", "task_id": "5d2c1e0a-task", "payload": b'{"n": 1}'})
+    code, out, err = _run(capsys, "deliveries", "show", "5d2c1e0a-task")
+    assert code == 0, err
+    assert out.startswith("delivery     msg_one\n")
+    assert re.search(r"^task\s+5d2c1e0a-task$", out, re.MULTILINE)
+    shown = _json(capsys, "deliveries", "show", "5d2c1e0a-task")["delivery"]
+    assert (shown["id"], shown["task_id"]) == ("msg_one", "5d2c1e0a-task")
+    # By its delivery id, the same, naming its task.
+    code, out, _ = _run(capsys, "deliveries", "show", "msg_one")
+    assert code == 0 and re.search(r"^task\s+5d2c1e0a-task$", out, re.MULTILINE)
+
+
+def test_show_by_the_task_id_of_a_batch_lists_its_deliveries(
+        cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch or fan-out task became many deliveries, rejected ones included."""
+    _endpoint(cli_db)
+    _endpoint(cli_db, "ep-2")
+    _seed(cli_db, {"id": "msg_a", "task_id": "batch-1"},
+          {"id": "msg_b", "task_id": "batch-1", "endpoint_id": "ep-2"},
+          {"id": "msg_c!rejected", "task_id": "batch-1", "endpoint_id": "nope",
+           "status": "rejected", "last_error": "unknown_endpoint: no endpoint with id 'nope'"},
+          {"id": "msg_other", "task_id": "batch-2"})
+    code, out, err = _run(capsys, "deliveries", "show", "batch-1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "task batch-1: 3 deliveries"
+    assert lines[1].split()[:2] == ["ID", "STATUS"]
+    assert sorted(line.split()[0] for line in lines[2:5]) == ["msg_a", "msg_b", "msg_c!rejected"]
+    assert "unknown_endpoint" in out and "msg_other" not in out
+    assert lines[5].startswith("one of them: webhooks deliveries show msg_")
+    shown = _json(capsys, "deliveries", "show", "batch-1")
+    assert shown["task_id"] == "batch-1"
+    assert sorted((d["id"], d["status"]) for d in shown["deliveries"]) == [
+        ("msg_a", "pending"), ("msg_b", "pending"), ("msg_c!rejected", "rejected")]
+    assert {d["task_id"] for d in shown["deliveries"]} == {"batch-1"}
+
+
+def test_show_names_neither_a_delivery_nor_a_task(cli_db: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    line = _assert_error(_run(capsys, "deliveries", "show", "no-such-task"))
+    assert line == ("webhooks: error: no delivery with id 'no-such-task', and no task with "
+                    "that id")
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -608,3 +656,16 @@ def test_stats_keeps_its_shape(cli_db: str, capsys: pytest.CaptureFixture[str]) 
     assert code == 0
     assert [line.split() for line in out.splitlines()] == [
         ["pending", "0"], ["held", "1"], ["succeeded", "0"], ["failed", "2"], ["rejected", "0"]]
+
+
+def test_a_reader_that_stopped_reading_is_not_a_database_error(
+        cli_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`webhooks deliveries show … | head -5`: the pipe closed early, nothing to report."""
+    import worker.cli_deliveries as module
+
+    def closed_pipe(*_: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(module, "cmd_deliveries_stats", closed_pipe)
+    code, _, err = _run(capsys, "deliveries", "stats")
+    assert (code, err) == (0, "")

@@ -77,3 +77,20 @@ def test_json_keeps_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
         logging.getLogger("webhooks.test").exception("failed")
     (line,) = capsys.readouterr().out.splitlines()
     assert "ValueError: bad" in json.loads(line)["traceback"]
+
+
+def test_json_fields_spell_times_as_the_logfmt_lines_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    logs.configure("INFO", fmt="json")
+    when = datetime(2026, 11, 25, 23, 27, 12, 174483, tzinfo=UTC)
+    logging.getLogger("webhooks.attempts").warning(
+        "attempt", extra={"fields": {"next_attempt": when, "status": 500, "error": None,
+                                     "other": ("a", 1)}})
+    (line,) = capsys.readouterr().out.splitlines()
+    parsed = json.loads(line)
+    assert parsed["next_attempt"] == "2026-11-25T23:27:12+00:00"
+    assert (parsed["status"], parsed["error"], parsed["other"]) == (500, None, "('a', 1)")

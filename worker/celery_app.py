@@ -18,8 +18,14 @@ app.conf.update(
     broker_url=settings.broker_url,
     # Kombu's Redis transport, hardened against what it may find on the queue.
     broker_transport=TRANSPORT if settings.broker_url.startswith("redis://") else None,
-    result_backend=settings.result_backend,
-    task_ignore_result=settings.result_backend is None,
+    # Without a backend, .get() says which setting to configure (Celery's own error does
+    # not); results are not ignored, or .get() would return None without a word.
+    result_backend=settings.result_backend or "worker.monitoring:NoResultBackend",
+    task_ignore_result=False,
+    # Task events for Flower and celery-exporter; single events send theirs from the
+    # consumer (worker.monitoring), as Celery never runs them as tasks.
+    worker_send_task_events=settings.task_events,
+    task_send_sent_event=settings.task_sent_events,
     # Above the hard time limit, so no running task is handed to a second worker.
     broker_transport_options=_transport,
     result_backend_transport_options=_transport,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -541,6 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WebhookError as exc:
         print(f"webhooks: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): not the database's fault. Output goes to
+        # /dev/null from here, so the flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (SQLAlchemyError, OSError) as exc:
         print(f"webhooks: error: database {_safe_url(get_settings())}: "
               f"{type(exc).__name__}: {str(exc).splitlines()[0]} "

@@ -28,6 +28,7 @@ MAX_IDS = 1000  # --id given this many times at most
 PAYLOAD_SHOWN = 4096  # characters of the (pretty-printed) payload `show` prints
 PAYLOAD_READ = 65_536  # bytes read to pretty-print; a bigger payload is shown raw, cut
 ATTEMPTS_SHOWN = 1000  # the newest attempts `show` lists
+TASK_DELIVERIES_SHOWN = 5000  # deliveries of one task `show <task id>` lists (a batch: ≤ 1000)
 ERROR_WIDTH = 60  # of the last error in `list`
 EXCERPT_WIDTH = 200  # of a response excerpt in plain `show`
 CELL_WIDTH = 40  # of an endpoint id or event type in `list`
@@ -114,7 +115,8 @@ def _delivery_json(row: dict[str, Any]) -> dict[str, Any]:
     """A delivery for output. `attempts` counts every attempt made, across replays;
     `retry_attempts` those counted against the current retry budget (since the last replay)."""
     return {
-        "id": row["id"], "status": row["status"], "endpoint_id": row["endpoint_id"],
+        "id": row["id"], "task_id": row.get("task_id"), "status": row["status"],
+        "endpoint_id": row["endpoint_id"],
         "event_type": row["event_type"], "idempotency_key": row["idempotency_key"],
         "attempts": row["attempts_total"],
         "retry_attempts": row["attempts"] - row.get("retry_base", 0),
@@ -203,16 +205,24 @@ def _next_step(row: dict[str, Any]) -> str | None:
 
 
 def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(store: Store) -> tuple[dict[str, Any], list[dict[str, Any]], int] | None:
+    """One delivery by its id; or, given a Celery task id, what that task's message became:
+    its one delivery in full, or a table of them (batch, fan-out)."""
+    async def work(store: Store) -> tuple[dict[str, Any], list[dict[str, Any]], int] | list[
+            dict[str, Any]]:
         row = await store.get_delivery(args.id, PAYLOAD_READ)
         if row is None:
-            return None
-        tried, total = await store.delivery_attempts(args.id, ATTEMPTS_SHOWN)
+            of_task = await store.task_deliveries(args.id, TASK_DELIVERIES_SHOWN)
+            if len(of_task) != 1:
+                return of_task
+            row = await store.get_delivery(of_task[0]["id"], PAYLOAD_READ)
+            if row is None:  # deleted in between
+                return []
+        tried, total = await store.delivery_attempts(row["id"], ATTEMPTS_SHOWN)
         return row, tried, total
 
     found = with_store(settings, work)
-    if found is None:
-        raise WebhookError(f"no delivery with id {args.id!r}")
+    if isinstance(found, list):
+        return _show_task(args, found)
     row, tried, total = found
     payload, cut = render_payload(row["payload_head"], row["payload_size"])
     if args.json:
@@ -236,6 +246,7 @@ def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
     for label, value in (
         ("status", f"{row['status']}{outcome}"),
         ("endpoint", row["endpoint_id"]),
+        ("task", row.get("task_id") or "-"),
         ("event type", row["event_type"] or "-"),
         ("attempts", f"{row['attempts_total']}{budget}"),
         ("next attempt", _when(row["next_attempt_at"])
@@ -264,6 +275,27 @@ def cmd_deliveries_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {line}")
         if attempt["response_excerpt"]:
             print(f"      response: {_clip(attempt['response_excerpt'], EXCERPT_WIDTH)}")
+    return 0
+
+
+def _show_task(args: argparse.Namespace, found: list[dict[str, Any]]) -> int:
+    """The deliveries of Celery task `args.id` (none: neither a delivery nor a task id)."""
+    if not found:
+        raise WebhookError(f"no delivery with id {args.id!r}, and no task with that id")
+    if args.json:
+        print_json({"task_id": args.id, "deliveries": [_delivery_json(row) for row in found]})
+        return 0
+    print(f"task {args.id}: {len(found)} deliveries"
+          + (f" (the first {TASK_DELIVERIES_SHOWN})" if len(found) >= TASK_DELIVERIES_SHOWN
+             else ""))
+    rows = [[row["id"], row["status"], _clip(row["endpoint_id"], CELL_WIDTH),
+             _clip(row["event_type"], CELL_WIDTH) or "-", str(row["attempts_total"]),
+             _when(row["created_at"]), _clip(row["last_error"], ERROR_WIDTH)]
+            for row in found]
+    for line in _table(["ID", "STATUS", "ENDPOINT", "EVENT TYPE", "ATTEMPTS", "CREATED (UTC)",
+                        "LAST ERROR"], rows):
+        print(line)
+    print(f"one of them: webhooks deliveries show {found[0]['id']}")
     return 0
 
 
@@ -401,8 +433,9 @@ def add_deliveries_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_deliveries_list)
 
-    sh = dl.add_parser("show", help="one delivery: its payload and every attempt")
-    sh.add_argument("id")
+    sh = dl.add_parser("show", help="one delivery: its payload and every attempt; or, by a "
+                       "Celery task id, the deliveries of that task")
+    sh.add_argument("id", help="a delivery id (msg_…) or a Celery task id (task.id)")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=cmd_deliveries_show)
 

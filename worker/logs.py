@@ -38,14 +38,22 @@ class JsonFormatter(logging.Formatter):
                     msg=record.getMessage())
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line.update({k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
-                         for k, v in fields.items()})
+            line.update({k: _json_value(v) for k, v in fields.items()})
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
         text = orjson.dumps(line).decode()
         if self.journal:
             return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>" + text
         return text
+
+
+def _json_value(value: object) -> object:
+    """A field as JSON: scalars as they are, times in ISO 8601 as the logfmt lines have them."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
 
 
 def configure(level: str = "INFO", *, journal: bool = False, fmt: str = "logfmt") -> None:

@@ -36,7 +36,12 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, validation_alias=_env("REDIS_PORT"))
     redis_db: int = Field(0, validation_alias=_env("REDIS_DB"))
     celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
-    result_backend: str | None = Field(None, validation_alias=_env("WEBHOOKS_RESULT_BACKEND"))
+    result_backend: str | None = Field(
+        None, validation_alias=_env("WEBHOOKS_RESULT_BACKEND", "CELERY_RESULT_BACKEND"))
+    # Celery task events (task-received, -succeeded…) for Flower and celery-exporter; and
+    # task-sent, one more message from the producer for each task.
+    task_events: bool = Field(True, validation_alias=_env("WEBHOOKS_TASK_EVENTS"))
+    task_sent_events: bool = Field(True, validation_alias=_env("WEBHOOKS_TASK_SENT_EVENTS"))
     visibility_timeout: int = Field(3600, validation_alias=_env("WEBHOOKS_VISIBILITY_TIMEOUT"))
     concurrency: int = Field(4, ge=1, validation_alias=_env("WEBHOOKS_CONCURRENCY"))
     prefetch_multiplier: int = Field(200, ge=1, validation_alias=_env("WEBHOOKS_PREFETCH"))

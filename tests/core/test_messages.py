@@ -24,6 +24,7 @@ from worker.core.messages import (
     raw_message_id,
     read_call,
     single_event,
+    task_id_of,
 )
 from worker.core.models import REJECTED_EXCERPT_BYTES, EventIn, Incoming
 
@@ -452,3 +453,24 @@ def test_message_problem_is_none_for_a_readable_call_and_names_what_is_wrong_oth
 
     undecodable = message_problem(headers, b"x", broken)
     assert undecodable is not None and "undecodable body" in str(undecodable)
+
+
+@pytest.mark.parametrize(("message_id", "task_id"), [
+    ("5d2c1e0a-7f1b-4c1e-9a57-0c7f0e3b9d11:0", "5d2c1e0a-7f1b-4c1e-9a57-0c7f0e3b9d11"),
+    ("batch:999", "batch"),
+    ("a:b:3", "a:b"),  # a task id may itself hold a colon
+    ("raw-0123abcd", None),  # made from a message's bytes: no task
+    (":0", None),
+    ("task:", None),
+    ("task:x", None),
+    ("task:²", None),  # a digit, but not an index
+    ("t" * 80 + ":0", "t" * 64),  # cut to the column
+])
+def test_task_id_of(message_id: str, task_id: str | None) -> None:
+    assert task_id_of(message_id) == task_id
+
+
+def test_task_id_of_round_trips_what_the_reader_makes() -> None:
+    call = TaskCall(DELIVER_EVENTS, "tid-1", (), {"events": [
+        {"webhook_id": "ep", "event_data": {}}, {"webhook_id": "ep", "event_data": {}}]})
+    assert {task_id_of(item.message_id) for item in events_of(call, 10)} == {"tid-1"}

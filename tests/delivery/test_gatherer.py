@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from worker.core.errors import EngineUnavailable, StoreUnavailable
+from worker.core.messages import task_id_of
 from worker.core.models import AcceptReport, EventIn, Incoming
 from worker.delivery import gatherer as gatherer_module
 from worker.delivery.gatherer import MAX_UNEXPECTED_FAILURES, GatherConfig, Gatherer
@@ -55,7 +56,10 @@ class FakeAccept:
         if self.failures:
             raise self.failures.pop(0)
         self.landed.update(item.message_id for item in items)
-        return AcceptReport(accepted=[item.message_id for item in items])
+        # Delivery ids stand in as the message ids; each names its task as intake's do.
+        return AcceptReport(accepted=[item.message_id for item in items],
+                            task_of={item.message_id: task_id_of(item.message_id)
+                                     for item in items})
 
 
 class Settles:
@@ -65,10 +69,12 @@ class Settles:
         self.accept = accept
         self.counts: Counter[str] = Counter()
         self.early: list[str] = []
+        self.parts: dict[str, AcceptReport] = {}
 
-    def of(self, name: str, items: Sequence[Incoming]) -> Callable[[], None]:
-        def settle() -> None:
+    def of(self, name: str, items: Sequence[Incoming]) -> Callable[[AcceptReport], None]:
+        def settle(part: AcceptReport) -> None:
             self.counts[name] += 1
+            self.parts[name] = part
             if not {item.message_id for item in items} <= self.accept.landed:
                 self.early.append(name)
 
@@ -485,3 +491,19 @@ async def test_a_settle_that_raises_does_not_stop_the_gatherer(until: Until) -> 
     finally:
         with contextlib.suppress(RuntimeError):  # today close() re-raises the settle's error
             await gatherer.close()
+
+
+async def test_each_message_is_settled_with_its_own_part_of_the_commit(
+    make_gatherer: Callable[..., Gatherer], until: Until
+) -> None:
+    """One commit for the group; each message learns what its own events became."""
+    accept = FakeAccept()
+    gatherer = make_gatherer(accept, gather_size=10)
+    settles = Settles(accept)
+    add(gatherer, settles, "a")
+    add(gatherer, settles, "b", 3)
+    await until(lambda: settles.total == 2, 3.0)
+    assert len(accept.calls) == 1
+    assert settles.parts["a"].accepted == ["a:0"]
+    assert settles.parts["b"].accepted == ["b:0", "b:1", "b:2"]
+    assert settles.parts["b"].duplicates == 0

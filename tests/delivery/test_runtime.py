@@ -507,18 +507,29 @@ def test_gather_threadsafe_settles_each_message_once_committed(
     runtime = make_runtime(make_settings(database_url, gather_size=100, gather_interval=0.05))
     add_endpoint(runtime, "ep-rt", receiver.url("/hook"))
     settled: list[tuple[int, str]] = []
+    parts: dict[int, AcceptReport] = {}
+
+    def settle(m: int) -> Callable[[AcceptReport], None]:
+        def done(part: AcceptReport) -> None:
+            settled.append((m, threading.current_thread().name))
+            parts[m] = part
+
+        return done
 
     started = time.monotonic()
     for m in range(3):
-        runtime.gather_threadsafe(
-            events("ep-rt", f"gathered-{m}", 2),
-            lambda m=m: settled.append((m, threading.current_thread().name)))
+        runtime.gather_threadsafe(events("ep-rt", f"gathered-{m}", 2), settle(m))
     assert time.monotonic() - started < 0.2  # hands over, never waits for the commit
 
     wait_until(lambda: len(settled) == 3)
     assert sorted(settled) == [(m, ENGINE_THREAD) for m in range(3)]
     rows = runtime.call_blocking(lambda e: e.store.list_deliveries(), 10)
     assert len(rows) == 6
+    # Each message was told its own deliveries, and each row names the task that carried it.
+    task_of_row = {r["id"]: r["task_id"] for r in rows}
+    for m, part in parts.items():
+        assert len(part.accepted) == 2
+        assert {task_of_row[i] for i in part.accepted} == {f"gathered-{m}"}
     wait_until(lambda: sorted(receiver.ids()) == sorted(r["id"] for r in rows))
     time.sleep(0.2)
     assert len(settled) == 3  # each message settled once

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.core.errors import InvalidEvent
-from worker.core.models import REJECTED_EXCERPT_BYTES, EventIn, Incoming
+from worker.core.models import REJECTED_EXCERPT_BYTES, TASK_ID_MAX, EventIn, Incoming
 
 SINGLE_FIELDS = ("webhook_id", "event_data", "idempotency_key", "ordering_key")
 FAN_OUT_FIELDS = ("event_type", "data", "idempotency_key")
@@ -88,6 +88,15 @@ class TaskCall:
 def raw_message_id(raw: bytes) -> str:
     """An id for a message that carries none: the same bytes always get the same id."""
     return "raw-" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def task_id_of(message_id: str) -> str | None:
+    """The Celery task id in a message id (`{task_id}:{index}`); None for an id made from
+    a message's bytes. Cut to the column's size."""
+    task_id, sep, index = message_id.rpartition(":")
+    if not sep or not task_id or not (index.isascii() and index.isdigit()):
+        return None
+    return task_id[:TASK_ID_MAX]
 
 
 def first_message_id(headers: Any, raw: bytes) -> str:

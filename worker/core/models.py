@@ -210,6 +210,7 @@ class Rejection:
     idempotency_key: str | None = None
     event_type: str | None = None
     payload: bytes | None = None
+    task_id: str | None = None  # the Celery task that carried it, when known
 
 
 @dataclass(slots=True)
@@ -219,3 +220,23 @@ class AcceptReport:
     accepted: list[str] = field(default_factory=list)  # delivery ids
     duplicates: int = 0
     rejected: list[Rejection] = field(default_factory=list)
+    # Delivery id -> Celery task id, for every row offered (inserted or a duplicate).
+    task_of: dict[str, str | None] = field(default_factory=dict)
+
+    def by_task(self) -> dict[str | None, AcceptReport]:
+        """This report split per Celery task: what each message of a gathered group got.
+
+        Duplicates found inside the list itself (one message handed over twice) are not
+        attributed to a task.
+        """
+        parts: dict[str | None, AcceptReport] = {}
+        for delivery_id, task_id in self.task_of.items():
+            parts.setdefault(task_id, AcceptReport()).task_of[delivery_id] = task_id
+        for delivery_id in self.accepted:
+            parts.setdefault(self.task_of.get(delivery_id), AcceptReport()).accepted.append(
+                delivery_id)
+        for part in parts.values():
+            part.duplicates = max(len(part.task_of) - len(part.accepted), 0)
+        for rejection in self.rejected:
+            parts.setdefault(rejection.task_id, AcceptReport()).rejected.append(rejection)
+        return parts

@@ -230,6 +230,15 @@ class DeliveryHistory:
             row = (await conn.execute(query)).first()
             return None if row is None else _as_dict(row)
 
+    async def task_deliveries(self, task_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The deliveries a Celery task's message became (one for a single event, one per
+        event and endpoint for a batch or fan-out, rejected ones too), as `list_deliveries`
+        has them, oldest first; served by ix_deliveries_task."""
+        query = (select(*_summary).where(deliveries.c.task_id == task_id)
+                 .order_by(deliveries.c.created_at, deliveries.c.id).limit(limit))
+        async with self.engine.connect() as conn:
+            return [_as_dict(row) for row in await conn.execute(query)]
+
     async def delivery_attempts(self, delivery_id: str,
                                 limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
         """The newest `limit` attempts of a delivery, oldest first, and how many it has.

@@ -63,7 +63,8 @@ def rejection_row(row_id: str, rejection: Rejection, now: datetime) -> dict[str,
             "endpoint_id": rejection.webhook_id[:ENDPOINT_ID_MAX],
             "event_type": rejection.event_type, "idempotency_key": None,
             "payload": rejection.payload, "status": DeliveryStatus.REJECTED.value,
-            "next_attempt_at": None, "last_error": f"{rejection.code}: {rejection.message}"}
+            "next_attempt_at": None, "last_error": f"{rejection.code}: {rejection.message}",
+            "task_id": rejection.task_id}
 
 
 def insert_ignoring_duplicates(dialect_name: str) -> Any:

@@ -2,7 +2,8 @@
 
 The consumer thread adds each message's events with a `settle` callback (its ack). Events
 are committed when `gather_size` are waiting or `gather_interval` after the first; each
-message is settled only once its commit has landed. While the database is away the events
+message is settled only once its commit has landed, and is given its own part of the
+acceptance (its delivery ids, rejections, duplicates). While the database is away the events
 stay here (and their messages unacknowledged in the broker); the next try comes after a
 doubling delay, one log line per try.
 """
@@ -16,13 +17,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from worker.core.errors import MAX_UNEXPECTED_FAILURES, NOT_COMMITTED, InvalidEvent
-from worker.core.messages import unreadable
+from worker.core.messages import task_id_of, unreadable
 from worker.core.models import AcceptReport, Incoming
 from worker.settings import Settings
 
 log = logging.getLogger("webhooks.gatherer")
 
-Settle = Callable[[], object]
+Settle = Callable[[AcceptReport], object]
 Accept = Callable[[Sequence[Incoming]], Awaitable[AcceptReport]]
 
 
@@ -95,7 +96,7 @@ class Gatherer:
             group = self._take_group()
             items = [item for message in group for item in message.items]
             try:
-                await asyncio.wait_for(self._accept(items), self.config.accept_timeout)
+                report = await asyncio.wait_for(self._accept(items), self.config.accept_timeout)
             except Exception as exc:
                 self.stats["commit_failures"] += 1
                 expected = isinstance(exc, NOT_COMMITTED)
@@ -113,8 +114,8 @@ class Gatherer:
                     continue
             else:
                 self.stats["committed"] += len(items)
+                _settle_all(group, report)
             delay, unexpected = self.config.retry_delay, 0
-            _settle_all(group)
 
     def _take_group(self) -> list[_Message]:
         group: list[_Message] = []
@@ -142,19 +143,22 @@ class Gatherer:
         items = [unreadable(item.message_id, problem, item.excerpt)
                  for message in group for item in message.items]
         try:
-            await asyncio.wait_for(self._accept(items), self.config.accept_timeout)
+            report = await asyncio.wait_for(self._accept(items), self.config.accept_timeout)
         except Exception:
             log.exception("could not record %d events as rejected either", len(items))
             return group
         log.error("recorded %d events as rejected after %d failed commits", len(items),
                   MAX_UNEXPECTED_FAILURES, exc_info=exc)
-        _settle_all(group)
+        _settle_all(group, report)
         return []
 
 
-def _settle_all(group: Sequence[_Message]) -> None:
+def _settle_all(group: Sequence[_Message], report: AcceptReport) -> None:
+    """Settle each message with its own part of the group's report."""
+    parts = report.by_task()
     for message in group:
+        task_id = task_id_of(message.items[0].message_id) if message.items else None
         try:
-            message.settle()
+            message.settle(parts.get(task_id) or AcceptReport())
         except Exception:  # an ack that failed leaves its message to the broker: harmless
             log.exception("could not acknowledge a committed message")

@@ -11,7 +11,7 @@ from typing import Any
 from worker.core.clock import SYSTEM_CLOCK, Clock
 from worker.core.errors import InvalidEvent
 from worker.core.ids import derived_id
-from worker.core.messages import fan_out_body
+from worker.core.messages import fan_out_body, task_id_of
 from worker.core.models import (
     ENDPOINT_ID_MAX,
     AcceptReport,
@@ -108,6 +108,7 @@ class Intake:
             endpoint = eps[ev.webhook_id]
             delivery_id = derived_id("msg", mid, endpoint.id)
             new = delivery_row(delivery_id, ev, endpoint, now)
+            new.row["task_id"] = task_id_of(mid)
             if new.send_now:
                 pending.append(Delivery(id=delivery_id, endpoint_id=endpoint.id,
                                         url=endpoint.url,
@@ -132,6 +133,8 @@ class Intake:
                         c.accept_timeout / 2, len(pending))
         now = self._clock.now()
         lease_until = now + timedelta(seconds=c.lease_seconds)
+        # Each rejection names its task, so `deliveries show <task id>` finds it too.
+        rejections = [(mid, replace(r, task_id=task_id_of(mid))) for mid, r in rejections]
         inserted = await self.store.insert_intake(
             rows,
             [(derived_id("msg", mid, REJECTION_SUFFIX), r) for mid, r in rejections],
@@ -144,7 +147,8 @@ class Intake:
         self.scheduler.submit(fresh)
         accepted = [row["id"] for row in rows if row["id"] in inserted]
         report = AcceptReport(accepted=accepted, duplicates=len(rows) - len(accepted),
-                              rejected=[r for _, r in rejections])
+                              rejected=[r for _, r in rejections],
+                              task_of={row["id"]: row["task_id"] for row in rows})
         for rejection in report.rejected:
             log.warning("rejected event for %s: %s: %s", rejection.webhook_id, rejection.code,
                         rejection.message)

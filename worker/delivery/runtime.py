@@ -144,7 +144,8 @@ class EngineRuntime:
 
     # -- what the task shells ask for ------------------------------------------------------
 
-    def gather_threadsafe(self, items: Sequence[Incoming], settle: Callable[[], object]) -> None:
+    def gather_threadsafe(self, items: Sequence[Incoming],
+                          settle: Callable[[AcceptReport], object]) -> None:
         """Hand one message's events to the gatherer; `settle` runs (on the engine thread)
         once they are durable. Returns at once."""
         engine, loop = self._running()

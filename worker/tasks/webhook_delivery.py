@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -34,12 +35,14 @@ from worker.core.messages import (
     message_events,
     message_problem,
     single_event,
+    task_id_of,
     unreadable,
 )
 from worker.core.models import AcceptReport, EventIn, Incoming
 from worker.core.validation import validate_event
 from worker.delivery.rescuer import rescuable
 from worker.delivery.runtime import get_runtime
+from worker.monitoring import ResultRecorder, TaskEvents, acceptance
 from worker.transport import decode_body
 
 log = logging.getLogger("webhooks.tasks")
@@ -54,11 +57,6 @@ def _producer_check(event: EventIn) -> None:
     validate_event(event.webhook_id, event.event_data, max_payload_bytes=settings.max_payload_bytes,
                    idempotency_key=event.idempotency_key, ordering_key=event.ordering_key)
 
-
-def _summary(report: AcceptReport) -> dict[str, Any]:
-    return {"accepted": report.accepted, "duplicates": report.duplicates,
-            "rejected": [{"webhook_id": r.webhook_id, "code": r.code, "message": r.message}
-                         for r in report.rejected]}
 
 
 class ValidatedTask(Task):  # type: ignore[type-arg]
@@ -103,15 +101,52 @@ def single_event_strategy(task: Any, app: Any, consumer: Any) -> Any:
         runtime.start_rescuer_threadsafe()
     max_events = settings.max_events_per_message
     connection_errors = consumer.connection_errors
+    events = TaskEvents(consumer, task.name, bool(task.send_events))
+    results = _result_recorder(app)
+    call_soon = consumer.call_soon
     log.info("single events are gathered by the engine of pid %d", os.getpid())
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                    **_: Any) -> None:
         raw, decode = _body_of(message)
         items = message_events(message.headers, raw, decode, max_events)
-        runtime.gather_threadsafe(items, _acker(ack, connection_errors))
+        events.received(message.headers)
+        task_id = task_id_of(items[0].message_id) if items else None
+        started = time.monotonic()
+        # As Celery does: a producer without a result backend asks for none to be stored.
+        keep = results is not None and not _header(message.headers, "ignore_result")
+
+        def settle(part: AcceptReport) -> None:
+            # On the engine thread, once the commit landed: the ack and the events go to the
+            # consumer's loop (Celery's objects are not thread-safe), the result to its thread.
+            ack(log, connection_errors)
+            if task_id is None:
+                return
+            result = acceptance(part)
+            call_soon(events.settled, task_id, result, started)
+            if keep and results is not None:
+                results.put(task_id, result)
+
+        runtime.gather_threadsafe(items, settle)
 
     return on_message
+
+
+def _header(headers: Any, name: str) -> Any:
+    return headers.get(name) if isinstance(headers, Mapping) else None
+
+
+_results: ResultRecorder | None = None
+
+
+def _result_recorder(app: Any) -> ResultRecorder | None:
+    """This process's recorder of single events' results; None without a result backend."""
+    global _results
+    if settings.result_backend is None:
+        return None
+    if _results is None:
+        _results = ResultRecorder(lambda: app.backend)
+    return _results
 
 
 def checked_strategy(task: Any, app: Any, consumer: Any) -> Any:
@@ -134,7 +169,7 @@ def checked_strategy(task: Any, app: Any, consumer: Any) -> Any:
         if problem is None:
             return handle(message, body, ack, reject, callbacks, **kwargs)
         items = [unreadable(first_message_id(message.headers, raw), problem, raw)]
-        runtime.gather_threadsafe(items, _acker(ack, connection_errors))
+        runtime.gather_threadsafe(items, lambda _: ack(log, connection_errors))
         return None
 
     return on_message
@@ -145,12 +180,6 @@ def _body_of(message: Any) -> tuple[bytes, Callable[[], Any]]:
     body = message.body
     raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "replace")
     return raw, lambda: decode_body(raw, message.content_type, message.content_encoding)
-
-
-def _acker(ack: Any, connection_errors: Any) -> Callable[[], object]:
-    """Celery's ack promise, called as it expects: it queues message.ack_log_error(logger,
-    errors) on the consumer's loop."""
-    return lambda: ack(log, connection_errors)
 
 
 @app.task(bind=True, base=SingleEventTask, name=DELIVER_EVENT, acks_late=True, max_retries=None)
@@ -171,7 +200,7 @@ def deliver_webhook_event(
     item = Incoming(f"{self.request.id}:0", EventIn(webhook_id, event_data, idempotency_key,
                                                     ordering_key=ordering_key))
     try:
-        return _summary(get_runtime().accept_blocking([item]))
+        return acceptance(get_runtime().accept_blocking([item]))
     except Exception as exc:
         _retry_later(self, exc, 1)
 
@@ -205,7 +234,7 @@ def deliver_webhook_events(self: Task, events: list[dict[str, Any]]) -> dict[str
     items = [incoming(f"{self.request.id}:{i}", event_from_mapping, e)
              for i, e in enumerate(events[: settings.max_events_per_message])]
     try:
-        return _summary(get_runtime().accept_blocking(items))
+        return acceptance(get_runtime().accept_blocking(items))
     except Exception as exc:
         _retry_later(self, exc, len(items))
 
@@ -259,7 +288,7 @@ def publish_webhook_event(
         report = get_runtime().fan_out_blocking(message_id, event_type, data, idempotency_key)
     except Exception as exc:
         _retry_later(self, exc, 1)
-    return _summary(report)
+    return acceptance(report)
 
 
 # -- periodic ---------------------------------------------------------------------------------
