@@ -165,6 +165,17 @@ def cmd_deliveries_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _print_deliveries(found: Sequence[dict[str, Any]]) -> None:
+    """One table row per delivery: id, status, endpoint, type, attempts, created, last error."""
+    rows = [[row["id"], row["status"], _clip(row["endpoint_id"], CELL_WIDTH),
+             _clip(row["event_type"], CELL_WIDTH) or "-", str(row["attempts_total"]),
+             _when(row["created_at"]), _clip(row["last_error"], ERROR_WIDTH)]
+            for row in found]
+    for line in _table(["ID", "STATUS", "ENDPOINT", "EVENT TYPE", "ATTEMPTS", "CREATED (UTC)",
+                        "LAST ERROR"], rows):
+        print(line)
+
+
 def cmd_deliveries_list(args: argparse.Namespace, settings: Settings) -> int:
     status, blocked = args.status, args.blocked
     if status is not None and status not in (*STATUSES, BLOCKED):
@@ -183,13 +194,7 @@ def cmd_deliveries_list(args: argparse.Namespace, settings: Settings) -> int:
     if not found:
         print("no deliveries")
         return 0
-    rows = [[row["id"], row["status"], _clip(row["endpoint_id"], CELL_WIDTH),
-             _clip(row["event_type"], CELL_WIDTH) or "-", str(row["attempts_total"]),
-             _when(row["created_at"]), _clip(row["last_error"], ERROR_WIDTH)]
-            for row in found]
-    for line in _table(["ID", "STATUS", "ENDPOINT", "EVENT TYPE", "ATTEMPTS", "CREATED (UTC)",
-                        "LAST ERROR"], rows):
-        print(line)
+    _print_deliveries(found)
     return 0
 
 
@@ -288,13 +293,7 @@ def _show_task(args: argparse.Namespace, found: list[dict[str, Any]]) -> int:
     print(f"task {args.id}: {len(found)} deliveries"
           + (f" (the first {TASK_DELIVERIES_SHOWN})" if len(found) >= TASK_DELIVERIES_SHOWN
              else ""))
-    rows = [[row["id"], row["status"], _clip(row["endpoint_id"], CELL_WIDTH),
-             _clip(row["event_type"], CELL_WIDTH) or "-", str(row["attempts_total"]),
-             _when(row["created_at"]), _clip(row["last_error"], ERROR_WIDTH)]
-            for row in found]
-    for line in _table(["ID", "STATUS", "ENDPOINT", "EVENT TYPE", "ATTEMPTS", "CREATED (UTC)",
-                        "LAST ERROR"], rows):
-        print(line)
+    _print_deliveries(found)
     print(f"one of them: webhooks deliveries show {found[0]['id']}")
     return 0
 

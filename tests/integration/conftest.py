@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,25 @@ class Receiver:
         return web.Response(status=204)
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
+Handle = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.contextmanager
+def serving(handle: Handle, name: str) -> Iterator[int]:
+    """An aiohttp server on 127.0.0.1 in a thread of its own, answering every POST with
+    `handle`; yields its port."""
     ready = threading.Event()
     loop = asyncio.new_event_loop()
+    port = 0
 
     async def start() -> web.AppRunner:
+        nonlocal port
         app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", state.handle)
+        app.router.add_route("POST", "/{tail:.*}", handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        state.port = runner.addresses[0][1]
+        await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
+        port = runner.addresses[0][1]
         return runner
 
     def run() -> None:
@@ -87,12 +93,21 @@ def receiver() -> Iterator[Receiver]:
         loop.run_until_complete(runner.cleanup())
         loop.close()
 
-    thread = threading.Thread(target=run, name="test-receiver", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    assert ready.wait(10), "receiver did not start"
-    yield state
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    assert ready.wait(10), f"{name} did not start"
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+    with serving(state.handle, "test-receiver") as state.port:
+        yield state
 
 
 def worker_env(database_url: str, **extra: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import serving, wait_until
 from tests.integration.test_health_end_to_end import add, status_counts, with_store
 from worker.core.models import Ordering
 
@@ -66,32 +66,8 @@ class OrderedReceiver:
 @pytest.fixture(scope="module")
 def ordered() -> Iterator[OrderedReceiver]:
     state = OrderedReceiver()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", state.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
-        state.port = runner.addresses[0][1]
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="fifo-receiver", daemon=True)
-    thread.start()
-    assert ready.wait(10), "receiver did not start"
-    yield state
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serving(state.handle, "fifo-receiver") as state.port:
+        yield state
 
 
 def _fifo_endpoint(database_url: str, endpoint_id: str, url: str) -> None:

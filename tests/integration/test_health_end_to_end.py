@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.integration.conftest import ROOT, WorkerProcess, wait_until, worker_env
+from tests.integration.conftest import ROOT, WorkerProcess, serving, wait_until, worker_env
 from worker.core.errors import InvalidSignature
 from worker.core.models import Endpoint, EndpointPolicy
 from worker.core.signing import generate_secret, generate_signing_key, public_key_of, verify
@@ -83,33 +83,8 @@ class ScriptedReceiver:
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[ScriptedReceiver]:
     state = ScriptedReceiver()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", state.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        state.port = runner.addresses[0][1]
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="health-receiver", daemon=True)
-    thread.start()
-    assert ready.wait(10), "receiver did not start"
-    yield state
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serving(state.handle, "health-receiver") as state.port:
+        yield state
 
 
 # -- database helpers ------------------------------------------------------------------------
