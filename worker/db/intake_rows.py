@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Update, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from worker.core.errors import StoreUnavailable
@@ -65,6 +67,20 @@ def rejection_row(row_id: str, rejection: Rejection, now: datetime) -> dict[str,
             "payload": rejection.payload, "status": DeliveryStatus.REJECTED.value,
             "next_attempt_at": None, "last_error": f"{rejection.code}: {rejection.message}",
             "task_id": rejection.task_id}
+
+
+def release_expired_keys(rows: Sequence[Mapping[str, Any]], cutoff: datetime) -> Update | None:
+    """The UPDATE that frees the rows' (endpoint, idempotency key) pairs last used before
+    `cutoff` (outside the idempotency window), so the unique index no longer refuses them;
+    run it before inserting `rows`. None when no row has a key."""
+    keyed = sorted({(row["endpoint_id"], row["idempotency_key"]) for row in rows
+                    if row.get("idempotency_key") is not None})
+    if not keyed:
+        return None
+    return (update(deliveries)
+            .where(tuple_(deliveries.c.endpoint_id, deliveries.c.idempotency_key).in_(keyed),
+                   deliveries.c.created_at < cutoff)
+            .values(idempotency_key=None))
 
 
 def insert_ignoring_duplicates(dialect_name: str) -> Any:

@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, cast, func, inspect, select, tuple_, update
+from sqlalchemy import bindparam, cast, func, inspect, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from worker.core.errors import OutboxError
 from worker.core.models import Endpoint, Ordering
 from worker.db.fifo import number_fifo_rows_sync
-from worker.db.intake_rows import insert_ignoring_duplicates
+from worker.db.intake_rows import insert_ignoring_duplicates, release_expired_keys
 from worker.db.schema import deliveries, endpoints
 
 # Each engine's claim loop LISTENs on this channel (worker/delivery/waker.py). PostgreSQL
@@ -139,15 +139,9 @@ def insert_rows(conn: Connection, rows: Sequence[dict[str, Any]],
     workers on commit."""
     if not rows:
         return set()
-    keyed = sorted({(row["endpoint_id"], row["idempotency_key"]) for row in rows
-                    if row["idempotency_key"] is not None})
-    if keyed:
-        # A key older than the window no longer blocks: release it first (as .delay() does).
-        conn.execute(
-            update(deliveries)
-            .where(tuple_(deliveries.c.endpoint_id, deliveries.c.idempotency_key).in_(keyed),
-                   deliveries.c.created_at < idempotency_cutoff)
-            .values(idempotency_key=None))
+    release = release_expired_keys(rows, idempotency_cutoff)
+    if release is not None:
+        conn.execute(release)  # as .delay()'s intake does
     rows = list(rows)
     number_fifo_rows_sync(conn, rows)
     if conn.dialect.name == "postgresql":

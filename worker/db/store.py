@@ -37,7 +37,12 @@ from worker.core.sealing import KeyRing
 from worker.db.endpoint_records import EndpointRecords
 from worker.db.fifo import at_queue_head, number_fifo_rows
 from worker.db.history import DeliveryHistory
-from worker.db.intake_rows import insert_ignoring_duplicates, rejection_row, row_defaults
+from worker.db.intake_rows import (
+    insert_ignoring_duplicates,
+    rejection_row,
+    release_expired_keys,
+    row_defaults,
+)
 from worker.db.rows import UNAVAILABLE, utcnow
 from worker.db.schema import UTCDateTime, attempts, deliveries, endpoints
 from worker.settings import Settings
@@ -95,17 +100,11 @@ class Store(EndpointRecords, DeliveryHistory):
         fresh += [rejection_row(row_id, r, now) for row_id, r in rejections]
         if not fresh:
             return set()
-        keys = sorted({row["idempotency_key"] for row in rows if row["idempotency_key"]})
+        release = release_expired_keys(fresh, idempotency_cutoff)
         try:
             async with self.engine.begin() as conn:
-                if keys:
-                    # A key older than the window no longer blocks: release it first.
-                    await conn.execute(
-                        update(deliveries)
-                        .where(deliveries.c.idempotency_key.in_(keys),
-                               deliveries.c.created_at < idempotency_cutoff)
-                        .values(idempotency_key=None)
-                    )
+                if release is not None:
+                    await conn.execute(release)
                 await number_fifo_rows(conn, fresh)
                 stmt = insert_ignoring_duplicates(self._dialect).returning(deliveries.c.id)
                 result = await conn.execute(stmt, fresh)
