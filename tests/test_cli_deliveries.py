@@ -7,7 +7,6 @@ Attempts are made the way the worker makes them: claimed with `Store.claim_due`,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -19,12 +18,12 @@ import pytest
 from sqlalchemy import insert, select, update
 
 from worker.cli import main
+from worker.cli_support import with_store
 from worker.core.models import Endpoint, ErrorKind, HttpResult
 from worker.core.outcome import decide
 from worker.core.signing import generate_secret
-from worker.db.connection import create_engine
 from worker.db.schema import attempts, deliveries
-from worker.db.store import Store, open_store
+from worker.db.store import Store
 from worker.settings import Settings, get_settings
 
 Run = tuple[int, str, str]
@@ -70,16 +69,8 @@ def _json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
 
 
 def _with_store(url: str, work: Any) -> Any:
-    async def run() -> Any:
-        # A breaker that never opens: these tests fail deliveries on purpose.
-        settings = Settings(database_url=url, breaker_failures=100_000)
-        engine = create_engine(settings)
-        try:
-            return await work(open_store(engine, settings))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
+    # A breaker that never opens: these tests fail deliveries on purpose.
+    return with_store(Settings(database_url=url, breaker_failures=100_000), work)
 
 
 def _endpoint(url: str, endpoint_id: str = "ep-1", enabled: bool = True) -> None:

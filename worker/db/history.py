@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     LargeBinary,
     and_,
     delete,
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker.core.ids import new_id
 from worker.core.models import DeliveryStatus, OutcomeKind
 from worker.db.fifo import requeue
-from worker.db.rows import utcnow
+from worker.db.rows import row_dict, utcnow
 from worker.db.schema import UTCDateTime, attempts, deliveries
 
 # What `resend` copies: a delivery that was settled one way or the other.
@@ -48,8 +49,23 @@ _summary = [
 ]
 
 
-def _as_dict(row: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in row._mapping.items()}
+def delivery_filters(*, status: str | None = None, endpoint_id: str | None = None,
+                     event_type: str | None = None, since: datetime | None = None,
+                     until: datetime | None = None) -> list[ColumnElement[bool]]:
+    """The WHERE terms of a deliveries listing (created in [since, until)); None: any."""
+    d = deliveries.c
+    terms: list[ColumnElement[bool]] = []
+    if status is not None:
+        terms.append(d.status == status)
+    if endpoint_id is not None:
+        terms.append(d.endpoint_id == endpoint_id)
+    if event_type is not None:
+        terms.append(d.event_type == event_type)
+    if since is not None:
+        terms.append(d.created_at >= since)
+    if until is not None:
+        terms.append(d.created_at < until)
+    return terms
 
 
 class DeliveryHistory:
@@ -200,22 +216,14 @@ class DeliveryHistory:
         by the network policy.
         """
         query = (select(*_summary)
+                 .where(*delivery_filters(status=status, endpoint_id=endpoint_id,
+                                          event_type=event_type, since=since, until=until))
                  .order_by(deliveries.c.created_at.desc(), deliveries.c.id.desc())
                  .limit(limit))
-        if status is not None:
-            query = query.where(deliveries.c.status == status)
-        if endpoint_id is not None:
-            query = query.where(deliveries.c.endpoint_id == endpoint_id)
-        if event_type is not None:
-            query = query.where(deliveries.c.event_type == event_type)
-        if since is not None:
-            query = query.where(deliveries.c.created_at >= since)
-        if until is not None:
-            query = query.where(deliveries.c.created_at < until)
         if blocked:
             query = query.where(_last_outcome == OutcomeKind.BLOCKED.value)
         async with self.engine.connect() as conn:
-            return [_as_dict(row) for row in await conn.execute(query)]
+            return [row_dict(row) for row in await conn.execute(query)]
 
     async def get_delivery(self, delivery_id: str, payload_bytes: int) -> dict[str, Any] | None:
         """One delivery, as `list_deliveries` has it, plus `payload_size` and `payload_head`
@@ -228,7 +236,7 @@ class DeliveryHistory:
         ).where(deliveries.c.id == delivery_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
-            return None if row is None else _as_dict(row)
+            return None if row is None else row_dict(row)
 
     async def task_deliveries(self, task_id: str, limit: int = 1000) -> list[dict[str, Any]]:
         """The deliveries a Celery task's message became (one for a single event, one per
@@ -237,7 +245,7 @@ class DeliveryHistory:
         query = (select(*_summary).where(deliveries.c.task_id == task_id)
                  .order_by(deliveries.c.created_at, deliveries.c.id).limit(limit))
         async with self.engine.connect() as conn:
-            return [_as_dict(row) for row in await conn.execute(query)]
+            return [row_dict(row) for row in await conn.execute(query)]
 
     async def delivery_attempts(self, delivery_id: str,
                                 limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
@@ -253,7 +261,7 @@ class DeliveryHistory:
                  .order_by(attempts.c.attempted_at.desc(), attempts.c.id.desc())
                  .limit(limit))
         async with self.engine.connect() as conn:
-            rows = [_as_dict(row) for row in await conn.execute(query)]
+            rows = [row_dict(row) for row in await conn.execute(query)]
         total = int(rows[0]["total"]) if rows else 0
         for place, row in enumerate(rows):
             row["number"] = total - place

@@ -20,6 +20,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def row_dict(row: Any) -> dict[str, Any]:
+    """A result row as a plain dict, by column label."""
+    return {str(k): v for k, v in row._mapping.items()}
+
+
 def endpoint_from_row(row: Any, keys: KeyRing) -> Endpoint:
     """The endpoint of `row`, its credentials unsealed.
 

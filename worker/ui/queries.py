@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.core.models import Endpoint, OutcomeKind
 from worker.core.sealing import KeyRing
-from worker.db.rows import endpoint_from_row
+from worker.db.history import delivery_filters
+from worker.db.rows import endpoint_from_row, row_dict
 from worker.db.schema import UTCDateTime, attempts, deliveries, endpoints
 from worker.ui.paging import Cursor, DeliveryFilter
 from worker.ui.stats import percentile, ratio
@@ -25,10 +26,6 @@ HEALTH_ATTEMPTS = 500
 _LIST_COLUMNS = [deliveries.c[name] for name in (
     "id", "endpoint_id", "event_type", "status", "attempts", "retry_base", "next_attempt_at",
     "last_status_code", "last_error", "created_at", "updated_at")]
-
-
-def _as_dict(row: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +67,16 @@ class UiQueries:
         """Newest first; the rows older than `after`, and the cursor of the next page (None:
         this is the last). One index range scan: (created_at, id) compared as a row value."""
         d = deliveries.c
-        query = select(*_LIST_COLUMNS).order_by(d.created_at.desc(), d.id.desc()).limit(limit + 1)
-        if where.status is not None:
-            query = query.where(d.status == where.status)
-        if where.endpoint_id is not None:
-            query = query.where(d.endpoint_id == where.endpoint_id)
-        if where.event_type is not None:
-            query = query.where(d.event_type == where.event_type)
-        if where.since is not None:
-            query = query.where(d.created_at >= where.since)
-        if where.until is not None:
-            query = query.where(d.created_at < where.until)
+        query = (select(*_LIST_COLUMNS)
+                 .where(*delivery_filters(status=where.status, endpoint_id=where.endpoint_id,
+                                          event_type=where.event_type, since=where.since,
+                                          until=where.until))
+                 .order_by(d.created_at.desc(), d.id.desc()).limit(limit + 1))
         if after is not None:
             query = query.where(tuple_(d.created_at, d.id) < tuple_(
                 literal(after.created_at, UTCDateTime()), literal(after.id)))
         async with self.engine.connect() as conn:
-            rows = [_as_dict(row) for row in await conn.execute(query)]
+            rows = [row_dict(row) for row in await conn.execute(query)]
         more = len(rows) > limit
         rows = rows[:limit]
         cursor = Cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
@@ -119,7 +110,7 @@ class UiQueries:
                  .where(a.delivery_id.in_(recent.scalar_subquery()))
                  .order_by(a.attempted_at.desc(), a.id.desc()).limit(HEALTH_ATTEMPTS))
         async with self.engine.connect() as conn:
-            rows = [_as_dict(row) for row in await conn.execute(query)]
+            rows = [row_dict(row) for row in await conn.execute(query)]
         return health_of(rows)
 
     async def health_of_endpoints(self, ids: list[str]) -> dict[str, EndpointHealth]:
@@ -144,7 +135,7 @@ class UiQueries:
         rows: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
         async with self.engine.connect() as conn:
             for row in await conn.execute(query):
-                item = _as_dict(row)
+                item = row_dict(row)
                 rows[item.pop("eid")].append(item)
         for sampled in rows.values():  # newest first, as health_of takes them
             sampled.sort(key=lambda r: (r["attempted_at"], r["attempt_id"]), reverse=True)
