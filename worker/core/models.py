@@ -199,6 +199,11 @@ class AttemptRecord:
     next_status: DeliveryStatus
     next_attempt_at: datetime | None
 
+    @property
+    def ends_queue_head(self) -> bool:
+        """A FIFO delivery that is done (no attempt follows): its queue's next may go."""
+        return self.delivery.ordering_key is not None and self.next_attempt_at is None
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:

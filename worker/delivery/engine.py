@@ -128,8 +128,7 @@ class Engine:
         """Retries just scheduled here are claimed at their time, not at the next poll; so is
         the next delivery of a FIFO queue whose head just ended."""
         due = [r.next_attempt_at for r in records if r.next_attempt_at is not None]
-        if any(r.delivery.ordering_key is not None and r.next_attempt_at is None
-               for r in records):
+        if any(r.ends_queue_head for r in records):
             due.append(self._clock.now())
         if due:
             self.sweeper.due_at(min(due))

@@ -80,9 +80,7 @@ class OutcomeWriter:
     def add(self, record: AttemptRecord) -> None:
         self._unwritten.append(record)
         # A FIFO queue's next delivery waits for this one's outcome: no gathering for it.
-        ends_queue_head = record.delivery.ordering_key is not None and (
-            record.next_attempt_at is None)
-        if (len(self._unwritten) >= self.config.flush_size or ends_queue_head) and (
+        if (len(self._unwritten) >= self.config.flush_size or record.ends_queue_head) and (
                 not self._failing):
             self._flush_now.set()
 

@@ -58,7 +58,6 @@ def _producer_check(event: EventIn) -> None:
                    idempotency_key=event.idempotency_key, ordering_key=event.ordering_key)
 
 
-
 class ValidatedTask(Task):  # type: ignore[type-arg]
     """Checks producer calls in the producer's process, where the error can be caught."""
 
