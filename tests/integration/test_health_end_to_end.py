@@ -24,12 +24,13 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from tests.integration.conftest import ROOT, WorkerProcess, serving, wait_until, worker_env
+from worker.cli_support import with_store as cli_with_store
 from worker.core.errors import InvalidSignature
 from worker.core.models import Endpoint, EndpointPolicy
 from worker.core.signing import generate_secret, generate_signing_key, public_key_of, verify
 from worker.db.connection import create_engine
 from worker.db.schema import attempts, deliveries
-from worker.db.store import Store, open_store
+from worker.db.store import Store
 from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
@@ -91,15 +92,7 @@ def scripted() -> Iterator[ScriptedReceiver]:
 
 
 def with_store(database_url: str, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def go() -> T:
-        settings = Settings(database_url=database_url)
-        engine = create_engine(settings)
-        try:
-            return await work(open_store(engine, settings))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return cli_with_store(Settings(database_url=database_url), work)
 
 
 def add(database_url: str, endpoint_id: str, url: str, *secrets: str,

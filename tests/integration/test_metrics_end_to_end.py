@@ -4,7 +4,6 @@ from the database, also once the worker is gone."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import socket
@@ -21,11 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from tests.integration.conftest import ROOT, Receiver, wait_until, worker_env
+from worker.cli_support import with_store as cli_with_store
 from worker.core.models import Endpoint
 from worker.core.signing import generate_secret
-from worker.db.connection import create_engine
 from worker.db.schema import deliveries
-from worker.db.store import Store, open_store
+from worker.db.store import Store
 from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,15 +64,7 @@ def exporter_once(env: dict[str, str], *options: str) -> str:
 
 
 def with_store(database_url: str, work: Any) -> Any:
-    async def go() -> Any:
-        settings = Settings(database_url=database_url)
-        engine = create_engine(settings)
-        try:
-            return await work(open_store(engine, settings))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return cli_with_store(Settings(database_url=database_url), work)
 
 
 def add_endpoint(database_url: str, endpoint_id: str, url: str) -> Endpoint:
